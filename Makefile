@@ -1,0 +1,37 @@
+# `make train` and `make test` set everything up on a fresh machine (Python >= 3.10 with venv).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help setup train test lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and install dsr[dev] under constraints.txt (no-op when up to date)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+train: setup  ## the CPU quickstart: tiny pixel-space DiT with registers on synthetic shapes
+	$(BIN)/python -m dsr.train experiment=quickstart
+
+test: setup  ## the test suite (CPU, a few minutes)
+	$(BIN)/python -m pytest
+
+lint: setup  ## ruff
+	$(BIN)/ruff check dsr tests benchmarks
+	$(BIN)/ruff format --check dsr tests benchmarks
+
+format: setup
+	$(BIN)/ruff format dsr tests benchmarks
+	$(BIN)/ruff check --fix dsr tests benchmarks
+
+bench: setup  ## throughput / FLOP benchmarks -> benchmarks/results/
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf .pytest_cache .ruff_cache outputs multirun benchmarks/results

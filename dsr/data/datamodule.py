@@ -1,0 +1,92 @@
+"""One LightningDataModule for every image source: a map-style dataset of (image [3, H, W] in [0, 1], label).
+
+The global batch size is the recipe's (1024 in the paper); the per-device batch and the gradient
+accumulation are derived from the number of devices, so the same config trains on 1 or 64 GPUs.
+The loader is a `StatefulDataLoader`, whose position Lightning saves in checkpoints: a run resumed
+mid-epoch continues with the very next batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch is split: global = per_device * world_size, per_device = micro * accumulate."""
+
+    global_batch_size: int
+    world_size: int
+    micro_batch_size: int
+    accumulate: int
+
+    @classmethod
+    def derive(cls, global_batch_size: int, world_size: int, max_micro_batch_size: int | None = None) -> BatchPlan:
+        """Split `global_batch_size` over `world_size` devices, accumulating when a device's share exceeds
+        `max_micro_batch_size` (the most that fits in its memory)."""
+        if global_batch_size % world_size:
+            raise ValueError(
+                f"data.global_batch_size={global_batch_size} is not divisible by the {world_size} devices; "
+                "change data.global_batch_size or the number of devices"
+            )
+        per_device = global_batch_size // world_size
+        micro = per_device if max_micro_batch_size is None else min(per_device, max_micro_batch_size)
+        if per_device % micro:
+            raise ValueError(
+                f"the per-device batch {per_device} (data.global_batch_size={global_batch_size} over {world_size} "
+                f"devices) is not divisible by data.micro_batch_size={max_micro_batch_size}"
+            )
+        return cls(global_batch_size, world_size, micro, per_device // micro)
+
+
+class ImageDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        dataset: Dataset,
+        image_size: int,
+        num_classes: int,
+        global_batch_size: int,
+        micro_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.plan: BatchPlan | None = None
+
+    def configure_batches(self, world_size: int) -> BatchPlan:
+        """Fix the per-device batch for `world_size` devices; the trainer must accumulate `plan.accumulate`."""
+        self.plan = BatchPlan.derive(self.global_batch_size, world_size, self.micro_batch_size)
+        return self.plan
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        if self.plan is None:
+            raise RuntimeError("call configure_batches(world_size) before building the train loader")
+        if len(self.dataset) < self.plan.global_batch_size:
+            raise ValueError(
+                f"the dataset has {len(self.dataset)} images, fewer than one global batch "
+                f"(data.global_batch_size={self.plan.global_batch_size})"
+            )
+        return StatefulDataLoader(
+            self.dataset,
+            batch_size=self.plan.micro_batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )

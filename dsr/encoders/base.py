@@ -1,0 +1,23 @@
+"""The interface every encoder offers to stage 2: images in, latents out, and back."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class LatentCodec(Protocol):
+    """Images [B, 3, H, W] in [0, 1] <-> latents [B, C, h, w]. Stage 2 never sees more than this."""
+
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+    image_size: int
+
+    def encode(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, C, h, w] (normalised latents)."""
+        ...
+
+    def decode(self, z: Tensor) -> Tensor:
+        """[B, C, h, w] -> [B, 3, H, W], roughly in [0, 1] (clamp before saving)."""
+        ...

@@ -1,0 +1,157 @@
+"""Stage 2: flow-matching training of a diffusion transformer on the latents of a frozen encoder.
+
+The module owns the encoder (images -> latents), the backbone (built for the encoder's latent shape),
+its EMA copy, the transport (noise path, time distribution, loss) and the sampler (ODE/SDE solver plus
+classifier-free guidance). Sampling always uses the EMA weights unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from dsr.diffusion.guidance import ClassifierFreeGuidance
+from dsr.diffusion.transport import Transport
+from dsr.encoders.base import LatentCodec
+
+
+@dataclass
+class LRSchedule:
+    """Learning-rate multiplier over optimizer steps, given in epochs.
+
+    `warmup_epochs` ramps linearly from 0; then the rate stays constant until `constant_epochs` (None: forever,
+    the DSR release's recipe) and decays linearly to `final_lr` at `decay_end_epochs` (RAE: 40 -> 800, to 2e-5).
+    """
+
+    warmup_epochs: float = 0.0
+    constant_epochs: float | None = None
+    decay_end_epochs: float | None = None
+    final_lr: float | None = None
+
+    def multiplier(self, step: int, steps_per_epoch: float, base_lr: float) -> float:
+        epoch = step / steps_per_epoch
+        if self.warmup_epochs and epoch < self.warmup_epochs:
+            return epoch / self.warmup_epochs
+        if self.constant_epochs is None or epoch < self.constant_epochs:
+            return 1.0
+        if self.decay_end_epochs is None or self.final_lr is None:
+            raise ValueError("module.lr_schedule: a decay needs decay_end_epochs and final_lr")
+        final = self.final_lr / base_lr
+        progress = min(1.0, (epoch - self.constant_epochs) / (self.decay_end_epochs - self.constant_epochs))
+        return 1.0 - (1.0 - final) * progress
+
+
+class DiTModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: Callable[..., nn.Module],
+        encoder: LatentCodec,
+        transport: Transport,
+        solver: Any,
+        guidance: ClassifierFreeGuidance,
+        optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+        lr_schedule: LRSchedule | dict | None = None,
+        ema_decay: float = 0.9999,
+        seed: int = 0,
+    ) -> None:
+        """`backbone` is a factory taking `in_channels` and `input_size`, so the backbone is sized by the encoder."""
+        super().__init__()
+        self.encoder = encoder
+        self.latent_shape: tuple[int, int, int] = tuple(encoder.latent_shape)
+        channels, height, width = self.latent_shape
+        self.backbone = backbone(in_channels=channels, input_size=(height, width))
+        self.ema = AveragedModel(self.backbone, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.transport = transport
+        self.solver = solver
+        self.guidance = guidance
+        self.optimizer_factory = optimizer
+        self.lr_schedule = LRSchedule(**lr_schedule) if isinstance(lr_schedule, dict) else lr_schedule or LRSchedule()
+        self.ema_decay = ema_decay
+        self.seed = seed
+        self.run_config: dict | None = None  # the resolved Hydra config, stored in every checkpoint
+
+    # ---------------------------------------------------------------------------------------------------
+    # training
+    # ---------------------------------------------------------------------------------------------------
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Noise, times and label drops are a pure function of (seed, optimizer step, micro-batch, rank),
+        so a resumed run draws exactly what an uninterrupted one would have."""
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        key = ((self.seed * 1_000_003 + self.global_step) * 1_009 + micro) * 65_537 + self.global_rank
+        return torch.Generator(device=self.device).manual_seed(key % (2**63))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, y = batch
+        with torch.no_grad():
+            z = self.encoder.encode(images)
+        generator = self.step_generator(batch_idx)
+        y = self.backbone.y_embedder.drop_labels(y, generator)
+        out = self.transport.training_loss(self.backbone, z, y, generator=generator)
+        self.log("train/loss", out.loss, prog_bar=True)
+        return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before clipping: the norm the optimizer would have seen without it.
+        self.log("train/grad_norm", grad_norm(self.backbone, norm_type=2)["grad_2.0_norm_total"])
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update_parameters(self.backbone)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = self.optimizer_factory([p for p in self.backbone.parameters() if p.requires_grad])
+        base_lr = optimizer.param_groups[0]["lr"]
+        steps_per_epoch = self.steps_per_epoch()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: self.lr_schedule.multiplier(step, steps_per_epoch, base_lr)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def steps_per_epoch(self) -> float:
+        self.trainer.estimated_stepping_batches  # makes Lightning size the train loader
+        batches = self.trainer.num_training_batches
+        if math.isinf(batches):
+            raise ValueError("the train loader has no length: epoch-based learning-rate schedules need one")
+        return max(1.0, math.ceil(batches / self.trainer.accumulate_grad_batches))
+
+    # ---------------------------------------------------------------------------------------------------
+    # sampling
+    # ---------------------------------------------------------------------------------------------------
+
+    def sampling_model(self, use_ema: bool = True) -> nn.Module:
+        return self.ema.module if use_ema else self.backbone
+
+    @torch.no_grad()
+    def sample(
+        self,
+        y: Tensor,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+        progress: bool = False,
+    ) -> Tensor:
+        """Class labels y [B] -> images [B, 3, H, W] in [0, 1], through the sampler and the encoder's decoder."""
+        if noise is None:
+            noise = torch.randn((len(y), *self.latent_shape), generator=generator, device=self.device)
+        model = self.sampling_model(use_ema)
+        velocity_fn = self.guidance.velocity_fn(model, y.to(self.device), model.null_class, self.transport)
+        shift = self.transport.shift_for(self.latent_shape)
+        z = self.solver.integrate(velocity_fn, noise, shift, generator=generator, progress=progress)
+        return self.encoder.decode(z).clamp(0, 1)
+
+    # ---------------------------------------------------------------------------------------------------
+    # checkpoints
+    # ---------------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["dsr"] = {"config": self.run_config, "latent_shape": list(self.latent_shape)}

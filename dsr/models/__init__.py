@@ -1,0 +1,1 @@
+"""Diffusion transformers and their building blocks."""

@@ -1,0 +1,197 @@
+"""LightningDiT: the stage-2 diffusion transformer of RAE and DSR, with optional diffusion registers.
+
+A DiT with adaLN-Zero blocks (optionally without the shift term), SwiGLU MLPs, RMSNorm, 2-D RoPE,
+optional QK-norm, a fixed sin-cos absolute position embedding, a Gaussian-Fourier timestep embedding
+and a class table with a null row for classifier-free guidance. It maps a noisy latent x_t [B, C, H, W],
+its time t [B] (t = 0 data, t = 1 noise) and class labels y [B] to an output of the same shape as x
+(a velocity, or clean data under x-prediction; the transport decides).
+
+Diffusion registers (`num_registers` > 0) join the sequence at block `register_start` and are dropped
+before the final layer; with `num_registers` = 0 the model is the plain LightningDiT.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import PatchEmbed
+from torch import Tensor, nn
+
+from dsr.models.layers import (
+    Attention,
+    GaussianFourierEmbedder,
+    LabelEmbedder,
+    build_mlp,
+    build_norm,
+    modulate,
+    rope_axial_2d,
+    rope_with_prefix,
+    sincos_pos_embed_2d,
+)
+from dsr.registers.diffusion import DiffusionRegisters
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero conditioning on c [B, D]."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        use_qknorm: bool = False,
+        use_swiglu: bool = True,
+        use_rmsnorm: bool = True,
+        wo_shift: bool = False,
+    ) -> None:
+        super().__init__()
+        self.norm1 = build_norm(hidden_size, use_rmsnorm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=use_qknorm, use_rmsnorm=use_rmsnorm)
+        self.norm2 = build_norm(hidden_size, use_rmsnorm)
+        self.mlp = build_mlp(hidden_size, mlp_ratio, use_swiglu)
+        self.wo_shift = wo_shift
+        num_chunks = 4 if wo_shift else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, num_chunks * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x: [B, N, D], c: [B, D] -> [B, N, D]."""
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=-1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Norm, adaLN (shift, scale), then a linear map from tokens to patches."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, use_rmsnorm: bool = True) -> None:
+        super().__init__()
+        self.norm_final = build_norm(hidden_size, use_rmsnorm)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class LightningDiT(nn.Module):
+    """Diffusion transformer on a [B, C, H, W] latent. See the module docstring."""
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = 16,
+        patch_size: int = 1,
+        in_channels: int = 768,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        use_qknorm: bool = False,
+        use_swiglu: bool = True,
+        use_rope: bool = True,
+        use_rmsnorm: bool = True,
+        wo_shift: bool = False,
+        use_pos_embed: bool = True,
+        num_registers: int = 0,
+        register_start: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_registers and not 0 <= register_start < depth:
+            raise ValueError(f"register_start={register_start} must lie in [0, depth={depth})")
+        self.in_channels = self.out_channels = in_channels
+        self.patch_size = patch_size
+        self.depth = depth
+        self.num_registers = num_registers
+        self.register_start = register_start
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.grid_size: tuple[int, int] = tuple(self.x_embedder.grid_size)
+        self.t_embedder = GaussianFourierEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed (not learned) sin-cos table; a buffer rather than a frozen parameter so optimizers never see it.
+        pos_embed = sincos_pos_embed_2d(hidden_size, *self.grid_size).unsqueeze(0) if use_pos_embed else None
+        self.register_buffer("pos_embed", pos_embed, persistent=False)
+
+        head_dim = hidden_size // num_heads
+        if use_rope:
+            cos, sin = rope_axial_2d(head_dim, *self.grid_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+            # From `register_start` on, the sequence is [registers; patches]: registers get identity rows.
+            cos_r, sin_r = rope_with_prefix(cos, sin, num_registers)
+            self.register_buffer("rope_cos_registers", cos_r, persistent=False)
+            self.register_buffer("rope_sin_registers", sin_r, persistent=False)
+        self.use_rope = use_rope
+
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
+            for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm)
+        self.initialize_weights()
+        # Built last so that the other parameters draw the same initial values with or without registers.
+        self.registers = DiffusionRegisters(num_registers, hidden_size) if num_registers else None
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        # Patch embedding initialised like a Linear rather than a Conv2d.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and the output starts at zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def null_class(self) -> int:
+        """Label index of the unconditional (null) class used by classifier-free guidance."""
+        return self.y_embedder.null_class
+
+    def rope(self, with_registers: bool) -> tuple[Tensor, Tensor] | None:
+        if not self.use_rope:
+            return None
+        if with_registers:
+            return self.rope_cos_registers, self.rope_sin_registers
+        return self.rope_cos, self.rope_sin
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """[B, h*w, p*p*C] -> [B, C, h*p, w*p]."""
+        p, (h, w), c = self.patch_size, self.grid_size, self.out_channels
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """x: [B, C, H, W], t: [B] in [0, 1], y: [B] class labels (null_class = unconditional) -> [B, C, H, W]."""
+        x = self.x_embedder(x)  # [B, N, D]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
+        rope = self.rope(with_registers=False)
+        for i, block in enumerate(self.blocks):
+            if self.registers is not None and i == self.register_start:
+                x = self.registers(x)  # [B, R + N, D]
+                rope = self.rope(with_registers=True)
+            x = block(x, c, rope=rope)
+        if self.registers is not None:
+            x = self.registers.strip(x)
+        return self.unpatchify(self.final_layer(x, c))

@@ -1,0 +1,186 @@
+"""Building blocks shared by the diffusion transformers: norms, rotary and sin-cos position codes,
+timestep / class embedders, attention and adaLN modulation.
+
+Conventions follow LightningDiT as used by RAE and the DSR release: RMSNorm (eps 1e-6, fp32 compute),
+SwiGLU with hidden width int(2/3 * mlp_ratio * D), EVA-style 2-D axial RoPE (first half of each head's
+channels rotates with the row index, second half with the column index, adjacent channels paired),
+a Gaussian-Fourier timestep embedding with a frozen random projection, and a class table with one extra
+row for the null class used by classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, SwiGLUPacked
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in (at least) float32 and cast back, so bf16 autocast does not lose the normaliser."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__(dim, eps=eps, elementwise_affine=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type_as(x)
+
+
+def build_norm(dim: int, use_rmsnorm: bool) -> nn.Module:
+    """RMSNorm (affine) or the DiT LayerNorm without affine; both use eps 1e-6."""
+    return RMSNorm(dim) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def build_mlp(dim: int, mlp_ratio: float, use_swiglu: bool) -> nn.Module:
+    """SwiGLU whose packed first projection splits into (gate, value), or DiT's GELU-tanh MLP."""
+    if use_swiglu:
+        hidden = int(2 / 3 * mlp_ratio * dim)
+        # SwiGLUPacked computes fc2(silu(a) * b) with (a, b) = fc1(x).chunk(2): the reference's w12 / w3.
+        return SwiGLUPacked(in_features=dim, hidden_features=2 * hidden)
+    return Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+
+
+def modulate(x: Tensor, shift: Tensor | None, scale: Tensor) -> Tensor:
+    """adaLN: x * (1 + scale) + shift, with [B, D] modulation broadcast over tokens."""
+    x = x * (1 + scale.unsqueeze(1))
+    return x if shift is None else x + shift.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Position codes
+# --------------------------------------------------------------------------------------------------------
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> Tensor:
+    """Fixed 2-D sin-cos table [grid_h * grid_w, dim] in the MAE/DiT layout (row-major tokens).
+
+    Half of the channels encode the column coordinate, half the row coordinate; each half is
+    [sin(pos * omega), cos(pos * omega)] with omega_k = 1 / 10000^(k / (dim / 4)).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
+
+    def encode(pos: np.ndarray) -> np.ndarray:
+        angles = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    table = np.concatenate([encode(cols), encode(rows)], axis=1)
+    return torch.from_numpy(table).float()
+
+
+def rope_axial_2d(head_dim: int, grid_h: int, grid_w: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """EVA-style 2-D axial rotary tables: (cos, sin), each [grid_h * grid_w, head_dim].
+
+    With a = head_dim / 2 channels per axis and frequencies f_k = theta^(-2k / a), k < a / 2, each
+    repeated for an adjacent channel pair; channels [0, a) rotate with the row index, [a, 2a) with the column.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+    axis_dim = head_dim // 2
+    freqs = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64)[: axis_dim // 2] / axis_dim)
+    rows = torch.arange(grid_h, dtype=torch.float64)[:, None] * freqs  # [h, a/2]
+    cols = torch.arange(grid_w, dtype=torch.float64)[:, None] * freqs  # [w, a/2]
+    rows = rows.repeat_interleave(2, dim=-1)[:, None, :].expand(grid_h, grid_w, axis_dim)
+    cols = cols.repeat_interleave(2, dim=-1)[None, :, :].expand(grid_h, grid_w, axis_dim)
+    angles = torch.cat([rows, cols], dim=-1).reshape(grid_h * grid_w, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rope_with_prefix(cos: Tensor, sin: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """Prepend `num_prefix` identity rows (cos 1, sin 0): prefix tokens such as registers stay unrotated."""
+    if num_prefix == 0:
+        return cos, sin
+    return (
+        torch.cat([cos.new_ones(num_prefix, cos.shape[1]), cos]),
+        torch.cat([sin.new_zeros(num_prefix, sin.shape[1]), sin]),
+    )
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). x: [B, H, N, d]."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Conditioning
+# --------------------------------------------------------------------------------------------------------
+
+
+class GaussianFourierEmbedder(nn.Module):
+    """t in [0, 1] -> [sin(2 pi t W), cos(2 pi t W)] -> MLP. W ~ N(0, 1) is fixed at construction and saved."""
+
+    def __init__(self, hidden_size: int, num_frequencies: int = 256) -> None:
+        super().__init__()
+        self.register_buffer("W", torch.randn(num_frequencies))
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * num_frequencies, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: Tensor) -> Tensor:
+        """t: [B] -> [B, D]."""
+        dtype = torch.promote_types(self.W.dtype, torch.float32)  # sin/cos of large angles need >= fp32
+        angles = 2 * math.pi * t.to(dtype)[:, None] * self.W.to(dtype)[None, :]
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row (index `num_classes`) for the null class of classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def drop_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Replace each label by the null class with probability `dropout_prob` (training only)."""
+        if self.dropout_prob <= 0:
+            return y
+        drop = torch.rand(y.shape, device=y.device, generator=generator) < self.dropout_prob
+        return torch.where(drop, torch.full_like(y, self.null_class), y)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.embedding_table(y)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional per-head QK-norm and rotary q/k, through SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, use_rmsnorm: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = build_norm(self.head_dim, use_rmsnorm) if qk_norm else nn.Identity()
+        self.k_norm = build_norm(self.head_dim, use_rmsnorm) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x: [B, N, D]; rope: (cos, sin), each [N, head_dim]."""
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))

@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,6 +30,23 @@ def resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
     return last if resume and last.is_file() else None
 
 
+def resolved_config(cfg: DictConfig) -> dict:
+    """The run's config as plain, resolved data (without Hydra's own node, present when composed by tests)."""
+    return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            for key in cfg if key != "hydra"}
+
+
+def build(node: DictConfig):
+    """`instantiate`, but a configuration error (missing file, bad value) surfaces as itself, with the
+    message that names the setting, rather than wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (OSError, ValueError)):
+            raise err.__cause__ from None
+        raise
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured stage; return the final logged metrics."""
     run_dir = Path(cfg.paths.run_dir)
@@ -36,9 +54,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.module)
-    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    datamodule = build(cfg.data)
+    module = build(cfg.module)
+    module.run_config = resolved_config(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])

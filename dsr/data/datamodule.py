@@ -2,8 +2,9 @@
 
 The global batch size is the recipe's (1024 in the paper); the per-device batch and the gradient
 accumulation are derived from the number of devices, so the same config trains on 1 or 64 GPUs.
-The loader is a `StatefulDataLoader`, whose position Lightning saves in checkpoints: a run resumed
-mid-epoch continues with the very next batch.
+The order of epoch e is a pure function of (seed, e) (a `DistributedSampler` over the actual ranks, even
+for one device), and the loader is a `StatefulDataLoader`, whose position Lightning saves in checkpoints:
+a run resumed mid-epoch continues with the very next batch, and later epochs are unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
@@ -72,6 +73,10 @@ class ImageDataModule(L.LightningDataModule):
         self.plan = BatchPlan.derive(self.global_batch_size, world_size, self.micro_batch_size)
         return self.plan
 
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per pass over the data (incomplete global batches are dropped)."""
+        return max(1, len(self.dataset) // self.global_batch_size)
+
     def train_dataloader(self) -> StatefulDataLoader:
         if self.plan is None:
             raise RuntimeError("call configure_batches(world_size) before building the train loader")
@@ -80,13 +85,16 @@ class ImageDataModule(L.LightningDataModule):
                 f"the dataset has {len(self.dataset)} images, fewer than one global batch "
                 f"(data.global_batch_size={self.plan.global_batch_size})"
             )
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = DistributedSampler(
+            self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=True
+        )
         return StatefulDataLoader(
             self.dataset,
             batch_size=self.plan.micro_batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
         )

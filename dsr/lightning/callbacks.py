@@ -1,4 +1,4 @@
-"""Training callbacks: class-conditional sample grids from the EMA model."""
+"""Training callbacks: checkpoints that always include the final step, and sample grids from the EMA model."""
 
 from __future__ import annotations
 
@@ -6,9 +6,30 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also writes `last.ckpt` at the final step (max_steps or max_epochs reached between
+    two scheduled saves), so the end of a run is never lost and the same command resumes from it. It saves
+    from the last batch or epoch hook, where the loop state is still the one a resume expects."""
+
+    def save_final(self, trainer: L.Trainer) -> None:
+        if self.save_last and trainer.global_step != self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self.save_final(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1:
+            self.save_final(trainer)
 
 
 class SampleGrid(L.Callback):

@@ -7,7 +7,6 @@ classifier-free guidance). Sampling always uses the EMA weights unless asked oth
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -83,20 +82,31 @@ class DiTModule(L.LightningModule):
     # training
     # ---------------------------------------------------------------------------------------------------
 
-    def step_generator(self, batch_idx: int) -> torch.Generator:
-        """Noise, times and label drops are a pure function of (seed, optimizer step, micro-batch, rank),
-        so a resumed run draws exactly what an uninterrupted one would have."""
-        micro = batch_idx % self.trainer.accumulate_grad_batches
-        key = ((self.seed * 1_000_003 + self.global_step) * 1_009 + micro) * 65_537 + self.global_rank
-        return torch.Generator(device=self.device).manual_seed(key % (2**63))
+    def step_randomness(self, batch_idx: int, micro_batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Noise [b, C, h, w], times [b] and label-drop draws [b] for this micro-batch.
+
+        They are drawn for the device's whole share of the global batch from a generator keyed by
+        (seed, optimizer step, rank), and this micro-batch takes its slice. So a resumed run draws exactly
+        what an uninterrupted one would have, and k accumulated micro-batches see exactly what one batch
+        k times larger would.
+        """
+        accumulate = self.trainer.accumulate_grad_batches
+        key = (self.seed * 1_000_003 + self.global_step) * 65_537 + self.global_rank
+        generator = torch.Generator(device=self.device).manual_seed(key % (2**63))
+        share = micro_batch_size * accumulate
+        noise = torch.randn((share, *self.latent_shape), generator=generator, device=self.device)
+        t = self.transport.sample_time(share, self.latent_shape, generator=generator, device=self.device)
+        uniform = torch.rand(share, generator=generator, device=self.device)
+        part = slice((batch_idx % accumulate) * micro_batch_size, (batch_idx % accumulate + 1) * micro_batch_size)
+        return noise[part], t[part], uniform[part]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, y = batch
         with torch.no_grad():
             z = self.encoder.encode(images)
-        generator = self.step_generator(batch_idx)
-        y = self.backbone.y_embedder.drop_labels(y, generator)
-        out = self.transport.training_loss(self.backbone, z, y, generator=generator)
+        noise, t, uniform = self.step_randomness(batch_idx, len(y))
+        y = self.backbone.y_embedder.drop_labels(y, uniform)
+        out = self.transport.training_loss(self.backbone, z, y, noise=noise.to(z.dtype), t=t.to(z.dtype))
         self.log("train/loss", out.loss, prog_bar=True)
         return out.loss
 
@@ -118,11 +128,10 @@ class DiTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def steps_per_epoch(self) -> float:
-        self.trainer.estimated_stepping_batches  # makes Lightning size the train loader
-        batches = self.trainer.num_training_batches
-        if math.isinf(batches):
-            raise ValueError("the train loader has no length: epoch-based learning-rate schedules need one")
-        return max(1.0, math.ceil(batches / self.trainer.accumulate_grad_batches))
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "steps_per_epoch"):
+            raise ValueError("epoch-based learning-rate schedules need a datamodule that knows its epoch length")
+        return datamodule.steps_per_epoch()
 
     # ---------------------------------------------------------------------------------------------------
     # sampling

@@ -144,12 +144,9 @@ class LabelEmbedder(nn.Module):
     def null_class(self) -> int:
         return self.num_classes
 
-    def drop_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Replace each label by the null class with probability `dropout_prob` (training only)."""
-        if self.dropout_prob <= 0:
-            return y
-        drop = torch.rand(y.shape, device=y.device, generator=generator) < self.dropout_prob
-        return torch.where(drop, torch.full_like(y, self.null_class), y)
+    def drop_labels(self, y: Tensor, uniform: Tensor) -> Tensor:
+        """Replace each label by the null class where `uniform` (U(0, 1) draws, one per label) < dropout_prob."""
+        return torch.where(uniform < self.dropout_prob, torch.full_like(y, self.null_class), y)
 
     def forward(self, y: Tensor) -> Tensor:
         return self.embedding_table(y)

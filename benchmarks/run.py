@@ -1,0 +1,128 @@
+"""Benchmarks (`make bench`): model size and FLOPs of every backbone config, and training / sampling
+throughput on this machine. Results go to benchmarks/results/<device>.json and are printed as a table.
+
+    python -m benchmarks.run [--backbones dit_tiny dit_s] [--batch 64] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from dsr.diffusion.guidance import ClassifierFreeGuidance
+from dsr.diffusion.samplers import ODESampler
+from dsr.diffusion.transport import Transport
+from dsr.models.profile import register_overhead
+
+ROOT = Path(__file__).resolve().parents[1]
+RAE_LATENT = (768, 16, 16)  # SigLIP2-B / DINOv2-B latents at 256 px
+
+
+def backbone_factory(name: str, num_registers: int = 36):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"backbone={name}", f"backbone.num_registers={num_registers}", "data=synthetic"])
+    return instantiate(cfg.backbone), cfg
+
+
+def size_table() -> list[dict]:
+    rows = []
+    for name in ("dit_s", "dit_b", "dit_l", "dit_xl"):
+        factory, _ = backbone_factory(name)
+        rows.append({"backbone": name, "latent": list(RAE_LATENT), **register_overhead(factory, RAE_LATENT)})
+    return rows
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def throughput(name: str, latent: tuple[int, int, int], batch: int, steps: int, device: torch.device, bf16: bool) -> dict:
+    factory, _ = backbone_factory(name)
+    torch.manual_seed(0)
+    model = factory(in_channels=latent[0], input_size=latent[1:], num_classes=1000).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    transport = Transport(prediction="x")
+    x = torch.randn(batch, *latent, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def train_step():
+        with autocast:
+            loss = transport.training_loss(model, x, y).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    train_s = timed(train_step, steps, device)
+    solver = ODESampler("euler", num_steps=51)
+    guidance = ClassifierFreeGuidance(scale=1.5)
+
+    @torch.no_grad()
+    def sample():
+        with autocast:
+            fn = guidance.velocity_fn(model, y, model.null_class, transport)
+            solver.integrate(fn, torch.randn_like(x), transport.shift_for(latent))
+
+    sample_s = timed(sample, max(1, steps // 10), device)
+    return {
+        "backbone": name, "latent": list(latent), "batch": batch, "bf16": bf16,
+        "train_step_s": train_s, "train_img_per_s": batch / train_s,
+        "sample_50step_cfg_s": sample_s, "sample_img_per_s": batch / sample_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="*", default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    backbones = args.backbones or (["dit_b", "dit_xl"] if on_gpu else ["dit_tiny"])
+    latent = RAE_LATENT if on_gpu else (48, 8, 8)  # CPU: the quickstart's 32x32 pixel latents
+    batch = args.batch or (64 if on_gpu else 64)
+
+    results = {
+        "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "sizes": size_table(),
+        "throughput": [throughput(b, latent, batch, args.steps, device, bf16=on_gpu) for b in backbones],
+    }
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{'gpu' if on_gpu else 'cpu'}.json"
+    out.write_text(json.dumps(results, indent=2))
+
+    print(f"{'backbone':10} {'params M':>9} {'+reg':>9} {'GFLOPs':>8} {'+reg':>8}")
+    for row in results["sizes"]:
+        print(f"{row['backbone']:10} {row['params_M_without_registers']:9.2f} {row['params_M_with_registers']:9.2f} "
+              f"{row['gflops_without_registers']:8.1f} {row['gflops_with_registers']:8.1f}")
+    print(f"\n{'backbone':10} {'latent':>14} {'batch':>6} {'train img/s':>12} {'sample img/s (50 Euler, CFG)':>30}")
+    for row in results["throughput"]:
+        print(f"{row['backbone']:10} {str(tuple(row['latent'])):>14} {row['batch']:6d} {row['train_img_per_s']:12.1f} "
+              f"{row['sample_img_per_s']:30.2f}")
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

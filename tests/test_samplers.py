@@ -1,0 +1,145 @@
+"""ODE / SDE samplers on Gaussian data, where the optimal velocity and the exact flow are closed-form.
+
+For data x ~ N(mu, sigma^2) per dimension and x_t = (1 - t) x + t noise, x_t ~ N((1 - t) mu, V(t)) with
+V(t) = (1 - t)^2 sigma^2 + t^2. The optimal velocity is
+    v(x_t, t) = -mu + (t - (1 - t) sigma^2) / V(t) * (x_t - (1 - t) mu),
+and the ODE flow from x_1 = noise is x_t = (1 - t) mu + sqrt(V(t)) * noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dsr.diffusion.samplers import ODESampler, SDESampler, time_grid
+
+MU, SIGMA = 1.5, 0.5
+
+
+def variance(t: float) -> float:
+    return (1 - t) ** 2 * SIGMA**2 + t**2
+
+
+def gaussian_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, *([1] * (x.ndim - 1)))
+    var = (1 - t) ** 2 * SIGMA**2 + t**2
+    return -MU + (t - (1 - t) * SIGMA**2) / var * (x - (1 - t) * MU)
+
+
+def exact_flow(noise: torch.Tensor, t: float) -> torch.Tensor:
+    return (1 - t) * MU + math.sqrt(variance(t)) * noise
+
+
+def _noise(shape, seed=0):
+    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _ode_error(method: str, steps: int, shift: float, noise: torch.Tensor) -> float:
+    sampler = ODESampler(method, num_steps=steps + 1)
+    t_end = time_grid(steps + 1, shift)[-1].item()
+    return (sampler.integrate(gaussian_velocity, noise, shift) - exact_flow(noise, t_end)).abs().max().item()
+
+
+def test_time_grid():
+    s = math.sqrt(48)
+    grid = time_grid(50, s, t_end=0.001)
+    assert grid.shape == (50,) and grid.dtype == torch.float64
+    assert grid[0].item() == 1.0
+    assert grid[-1].item() == pytest.approx(s * 0.001 / (1 + (s - 1) * 0.001), rel=1e-12)
+    assert grid[-1].item() == pytest.approx(0.00689, abs=1e-5)
+    assert (grid.diff() < 0).all()
+    # Linear in the unshifted time, matching the closed form point by point.
+    expected = [s * u / (1 + (s - 1) * u) for u in np.linspace(1.0, 0.001, 50)]
+    np.testing.assert_allclose(grid.numpy(), expected, rtol=1e-12)
+    with pytest.raises(ValueError):
+        time_grid(1, 1.0)
+
+
+def test_euler_first_order():
+    noise = _noise((32, 2, 3, 3))
+    errors = [_ode_error("euler", steps, 3.0, noise) for steps in (10, 20, 40)]
+    assert errors[0] > errors[1] > errors[2]
+    for coarse, fine in zip(errors, errors[1:], strict=False):
+        assert 1.7 < coarse / fine < 2.3
+
+
+def test_heun_second_order_and_beats_euler():
+    noise = _noise((32, 2, 3, 3))
+    errors = [_ode_error("heun", steps, 3.0, noise) for steps in (20, 40, 80)]
+    for coarse, fine in zip(errors, errors[1:], strict=False):
+        assert coarse / fine > 3.5  # a first-order method would give ~2
+    for steps, heun_error in zip((20, 40, 80), errors, strict=True):
+        assert heun_error < 0.1 * _ode_error("euler", steps, 3.0, noise)
+
+
+@pytest.mark.parametrize("method, calls", [("euler", 49), ("heun", 98)])
+def test_nfe_counts_calls(method, calls):
+    count = 0
+
+    def counting(x, t):
+        nonlocal count
+        count += 1
+        assert t.shape == (x.shape[0],) and t.dtype == x.dtype
+        return gaussian_velocity(x, t)
+
+    sampler = ODESampler(method, num_steps=50)
+    sampler.integrate(counting, torch.randn(2, 1, 2, 2), shift=2.0)
+    assert count == sampler.nfe() == calls
+    with pytest.raises(ValueError, match="euler"):
+        ODESampler("rk4")
+
+
+def test_sde_matches_marginal_in_distribution():
+    n, steps, shift = 20_000, 250, 3.0
+    noise = _noise((n, 1))
+    x = SDESampler(steps).integrate(
+        gaussian_velocity, noise, shift, generator=torch.Generator().manual_seed(1)
+    )
+    t_end = time_grid(steps, shift)[-1].item()
+    mean, var = (1 - t_end) * MU, variance(t_end)
+
+    x = x.flatten().numpy()
+    assert np.isfinite(x).all()
+    assert abs(x.mean() - mean) < 4 * math.sqrt(var / n)
+    assert abs(x.var() - var) < 4 * var * math.sqrt(2 / n)
+    assert stats.kstest(x, stats.norm(mean, math.sqrt(var)).cdf).pvalue > 1e-3
+
+    # Stochastic: samples do not follow the deterministic ODE map of their own starting noise.
+    ode = ODESampler("euler", steps).integrate(gaussian_velocity, noise, shift).flatten().numpy()
+    assert np.abs(x - ode).mean() > 0.1
+    assert abs(np.corrcoef(x, ode)[0, 1]) < 0.5
+
+
+def test_sde_reproducible_and_zero_diffusion_is_euler():
+    noise = _noise((256, 3))
+    sde = SDESampler(num_steps=40, diffusion_scale=1.0)
+    a = sde.integrate(gaussian_velocity, noise, 2.0, generator=torch.Generator().manual_seed(3))
+    b = sde.integrate(gaussian_velocity, noise, 2.0, generator=torch.Generator().manual_seed(3))
+    c = sde.integrate(gaussian_velocity, noise, 2.0, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+    zero = SDESampler(num_steps=40, diffusion_scale=0.0)
+    x = zero.integrate(gaussian_velocity, noise, 2.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(x, ODESampler("euler", num_steps=40).integrate(gaussian_velocity, noise, 2.0))
+    assert zero.nfe() == 39
+
+
+def test_sde_last_step_is_noise_free():
+    # With a zero velocity the earlier steps still move x (score drift and noise), but the last step is
+    # a plain Euler step of the ODE and must return the state it was given unchanged.
+    seen = []
+
+    def zero_velocity(x, t):
+        seen.append(x.clone())
+        return torch.zeros_like(x)
+
+    out = SDESampler(num_steps=5).integrate(
+        zero_velocity, _noise((8, 2)), 1.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert len(seen) == 4
+    assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:], strict=False))
+    assert torch.equal(out, seen[-1])

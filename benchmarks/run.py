@@ -27,7 +27,10 @@ RAE_LATENT = (768, 16, 16)  # SigLIP2-B / DINOv2-B latents at 256 px
 
 def backbone_factory(name: str, num_registers: int = 36):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"backbone={name}", f"backbone.num_registers={num_registers}", "data=synthetic"])
+        cfg = compose(
+            "train",
+            overrides=[f"backbone={name}", f"backbone.num_registers={num_registers}", "data=synthetic"],
+        )
     return instantiate(cfg.backbone), cfg
 
 
@@ -54,7 +57,9 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def throughput(name: str, latent: tuple[int, int, int], batch: int, steps: int, device: torch.device, bf16: bool) -> dict:
+def throughput(
+    name: str, latent: tuple[int, int, int], batch: int, steps: int, device: torch.device, bf16: bool
+) -> dict:
     factory, _ = backbone_factory(name)
     torch.manual_seed(0)
     model = factory(in_channels=latent[0], input_size=latent[1:], num_classes=1000).to(device)
@@ -83,9 +88,14 @@ def throughput(name: str, latent: tuple[int, int, int], batch: int, steps: int, 
 
     sample_s = timed(sample, max(1, steps // 10), device)
     return {
-        "backbone": name, "latent": list(latent), "batch": batch, "bf16": bf16,
-        "train_step_s": train_s, "train_img_per_s": batch / train_s,
-        "sample_50step_cfg_s": sample_s, "sample_img_per_s": batch / sample_s,
+        "backbone": name,
+        "latent": list(latent),
+        "batch": batch,
+        "bf16": bf16,
+        "train_step_s": train_s,
+        "train_img_per_s": batch / train_s,
+        "sample_50step_cfg_s": sample_s,
+        "sample_img_per_s": batch / sample_s,
     }
 
 
@@ -115,12 +125,16 @@ def main() -> None:
 
     print(f"{'backbone':10} {'params M':>9} {'+reg':>9} {'GFLOPs':>8} {'+reg':>8}")
     for row in results["sizes"]:
-        print(f"{row['backbone']:10} {row['params_M_without_registers']:9.2f} {row['params_M_with_registers']:9.2f} "
-              f"{row['gflops_without_registers']:8.1f} {row['gflops_with_registers']:8.1f}")
+        print(
+            f"{row['backbone']:10} {row['params_M_without_registers']:9.2f} {row['params_M_with_registers']:9.2f} "
+            f"{row['gflops_without_registers']:8.1f} {row['gflops_with_registers']:8.1f}"
+        )
     print(f"\n{'backbone':10} {'latent':>14} {'batch':>6} {'train img/s':>12} {'sample img/s (50 Euler, CFG)':>30}")
     for row in results["throughput"]:
-        print(f"{row['backbone']:10} {str(tuple(row['latent'])):>14} {row['batch']:6d} {row['train_img_per_s']:12.1f} "
-              f"{row['sample_img_per_s']:30.2f}")
+        print(
+            f"{row['backbone']:10} {str(tuple(row['latent'])):>14} {row['batch']:6d} {row['train_img_per_s']:12.1f} "
+            f"{row['sample_img_per_s']:30.2f}"
+        )
     print(f"\nwritten to {out}")
 
 

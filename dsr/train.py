@@ -8,6 +8,7 @@ and gradient accumulation from the global batch and the device count, resumes fr
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -23,6 +24,10 @@ from dsr.models.profile import register_overhead
 
 log = logging.getLogger("dsr.train")
 
+# Deprecation notices raised inside torchdata and Lightning themselves: nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*set_vital.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
 
 def resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
     """`<run_dir>/checkpoints/last.ckpt` if resuming and it exists."""
@@ -32,8 +37,11 @@ def resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
 
 def resolved_config(cfg: DictConfig) -> dict:
     """The run's config as plain, resolved data (without Hydra's own node, present when composed by tests)."""
-    return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-            for key in cfg if key != "hydra"}
+    return {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }
 
 
 def build(node: DictConfig):
@@ -66,15 +74,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         log.info(
             "batch: global %d = %d devices x %d micro-batch x %d accumulation",
-            plan.global_batch_size, plan.world_size, plan.micro_batch_size, plan.accumulate,
+            plan.global_batch_size,
+            plan.world_size,
+            plan.micro_batch_size,
+            plan.accumulate,
         )
         overhead = register_overhead(instantiate(cfg.module.backbone), module.latent_shape)
         log.info(
             "backbone: %.2fM params, %.2f GFLOPs/forward; without registers %.2fM, %.2f GFLOPs "
             "(registers add %.2f%% params, %.2f%% FLOPs)",
-            overhead["params_M_with_registers"], overhead["gflops_with_registers"],
-            overhead["params_M_without_registers"], overhead["gflops_without_registers"],
-            overhead["params_overhead_pct"], overhead["gflops_overhead_pct"],
+            overhead["params_M_with_registers"],
+            overhead["gflops_with_registers"],
+            overhead["params_M_without_registers"],
+            overhead["gflops_without_registers"],
+            overhead["params_overhead_pct"],
+            overhead["gflops_overhead_pct"],
         )
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": module.run_config, "model": overhead})

@@ -62,7 +62,11 @@ def reference_forward(m: LightningDiT, x: torch.Tensor, t: torch.Tensor, y: torc
 
     angles = 2 * math.pi * t[:, None] * m.t_embedder.W[None]
     temb = torch.cat([angles.sin(), angles.cos()], dim=1)
-    temb = F.linear(F.silu(F.linear(temb, m.t_embedder.mlp[0].weight, m.t_embedder.mlp[0].bias)), m.t_embedder.mlp[2].weight, m.t_embedder.mlp[2].bias)
+    temb = F.linear(
+        F.silu(F.linear(temb, m.t_embedder.mlp[0].weight, m.t_embedder.mlp[0].bias)),
+        m.t_embedder.mlp[2].weight,
+        m.t_embedder.mlp[2].bias,
+    )
     c = temb + m.y_embedder.embedding_table.weight[y]
 
     rows = torch.arange(h_grid, dtype=torch.float64).repeat_interleave(w_grid)
@@ -96,7 +100,9 @@ def reference_forward(m: LightningDiT, x: torch.Tensor, t: torch.Tensor, y: torc
     h = h[:, R:]
     fl = m.final_layer
     shift, scale = F.linear(F.silu(c), fl.adaLN_modulation[1].weight, fl.adaLN_modulation[1].bias).chunk(2, dim=1)
-    out = F.linear(rms(h, fl.norm_final.weight) * (1 + scale[:, None]) + shift[:, None], fl.linear.weight, fl.linear.bias)
+    out = F.linear(
+        rms(h, fl.norm_final.weight) * (1 + scale[:, None]) + shift[:, None], fl.linear.weight, fl.linear.bias
+    )
     out = out.reshape(B, h_grid, w_grid, p, p, C).permute(0, 5, 1, 3, 2, 4)
     return out.reshape(B, C, H, W)
 
@@ -120,7 +126,10 @@ def exact_tables_(model: LightningDiT) -> LightningDiT:
     model.rope_cos, model.rope_sin = angles.cos(), angles.sin()
     R = model.num_registers
     pad = torch.zeros(R, angles.shape[1], dtype=torch.float64)
-    model.rope_cos_registers, model.rope_sin_registers = torch.cat([pad.cos(), angles.cos()]), torch.cat([pad.sin(), angles.sin()])
+    model.rope_cos_registers, model.rope_sin_registers = (
+        torch.cat([pad.cos(), angles.cos()]),
+        torch.cat([pad.sin(), angles.sin()]),
+    )
     if R:
         model.registers.pos_code = sincos_2d(D, *register_grid(R))[:R][None]
     return model
@@ -216,7 +225,9 @@ def test_sequence_grows_from_register_start_and_patches_keep_their_rotary_angles
     model = LightningDiT(**TINY, num_registers=R, register_start=start)
     seen = []
     for block in model.blocks:
-        block.register_forward_pre_hook(lambda mod, args, kwargs: seen.append((args[0].shape[1], kwargs["rope"])), with_kwargs=True)
+        block.register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append((args[0].shape[1], kwargs["rope"])), with_kwargs=True
+        )
     final_lengths = []
     model.final_layer.register_forward_pre_hook(lambda mod, args: final_lengths.append(args[0].shape[1]))
     x, t, y = inputs(dtype=torch.float32)
@@ -225,7 +236,7 @@ def test_sequence_grows_from_register_start_and_patches_keep_their_rotary_angles
     assert [length for length, _ in seen] == [n] * start + [n + R] * (TINY["depth"] - start)
     assert final_lengths == [n]
     plain_cos, plain_sin = seen[0][1]
-    for length, (cos, sin) in seen[start:]:
+    for _, (cos, sin) in seen[start:]:
         assert torch.equal(cos[R:], plain_cos) and torch.equal(sin[R:], plain_sin)
         assert torch.equal(cos[:R], torch.ones_like(cos[:R])) and torch.equal(sin[:R], torch.zeros_like(sin[:R]))
     assert plain_sin.abs().sum() > 0  # patches really rotate
@@ -249,10 +260,16 @@ def test_invalid_register_start_is_a_clear_error():
 # table and 256 Fourier frequencies) and the paper's GFLOPs with and without 36 registers.
 @pytest.mark.parametrize(
     "hidden, depth, heads, start, params_m, gflops, gflops_dsr",
-    [(384, 12, 6, 4, 33.7, 12.4, 13.7), (768, 12, 12, 4, 131.9, 46.6, 51.2), (1152, 28, 16, 8, 677.3, 238.1, 262.9)],
+    [
+        (384, 12, 6, 4, 33.7, 12.4, 13.7),
+        (768, 12, 12, 4, 131.9, 46.6, 51.2),
+        (1152, 28, 16, 8, 677.3, 238.1, 262.9),
+    ],
 )
 def test_paper_sizes(hidden, depth, heads, start, params_m, gflops, gflops_dsr):
-    factory = functools.partial(LightningDiT, hidden_size=hidden, depth=depth, num_heads=heads, num_registers=36, register_start=start)
+    factory = functools.partial(
+        LightningDiT, hidden_size=hidden, depth=depth, num_heads=heads, num_registers=36, register_start=start
+    )
     stats = register_overhead(factory, (768, 16, 16))
     frozen = (256 * hidden + 256) / 1e6
     assert abs(stats["params_M_without_registers"] + frozen - params_m) < 0.1

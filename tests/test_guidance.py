@@ -93,9 +93,7 @@ def test_x_prediction_converts_to_velocity():
     v = cfg.velocity_fn(model, y, NULL, transport)(x, t)
 
     def to_velocity(x_hat):
-        return torch.stack(
-            [(xi - hi) / max(ti.item(), clamp) for xi, hi, ti in zip(x, x_hat, t, strict=True)]
-        )
+        return torch.stack([(xi - hi) / max(ti.item(), clamp) for xi, hi, ti in zip(x, x_hat, t, strict=True)])
 
     v_c = to_velocity(model.direct(x, t, y))
     v_u = to_velocity(model.direct(x, t, torch.full_like(y, NULL)))

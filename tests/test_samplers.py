@@ -96,9 +96,7 @@ def test_nfe_counts_calls(method, calls):
 def test_sde_matches_marginal_in_distribution():
     n, steps, shift = 20_000, 250, 3.0
     noise = _noise((n, 1))
-    x = SDESampler(steps).integrate(
-        gaussian_velocity, noise, shift, generator=torch.Generator().manual_seed(1)
-    )
+    x = SDESampler(steps).integrate(gaussian_velocity, noise, shift, generator=torch.Generator().manual_seed(1))
     t_end = time_grid(steps, shift)[-1].item()
     mean, var = (1 - t_end) * MU, variance(t_end)
 

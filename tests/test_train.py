@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import TINY_RUN, compose_train
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +24,11 @@ def test_cli_runs_through_hydra_and_writes_its_outputs(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "dsr.train", *TINY_RUN, "backbone.hidden_size=48", f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -47,8 +50,12 @@ def test_cli_runs_through_hydra_and_writes_its_outputs(tmp_path):
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(run_train):
-    common = [*TINY_RUN, "trainer.deterministic=true", "callbacks.checkpoint.every_n_train_steps=2",
-              "callbacks.sample_grid.every_n_steps=0"]
+    common = [
+        *TINY_RUN,
+        "trainer.deterministic=true",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "callbacks.sample_grid.every_n_steps=0",
+    ]
     # 128 samples / 16 per batch = 8 steps an epoch: stop mid-epoch (the last checkpoint is step 4, written
     # again at the end), then resume with the same command across the epoch boundary to step 12.
     _, straight_dir = run_train([*common, "trainer.max_steps=12"], name="straight")
@@ -66,7 +73,12 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(run_train):
 
 def test_gradient_accumulation_equals_the_large_batch(run_train):
     """16 images in one batch, or 2 accumulated micro-batches of 8: the same optimizer steps."""
-    common = [*TINY_RUN, "trainer.deterministic=true", "trainer.max_steps=4", "callbacks.sample_grid.every_n_steps=0"]
+    common = [
+        *TINY_RUN,
+        "trainer.deterministic=true",
+        "trainer.max_steps=4",
+        "callbacks.sample_grid.every_n_steps=0",
+    ]
     _, one = run_train(common, name="one")
     _, two = run_train([*common, "data.micro_batch_size=8"], name="two")
     a, b = last_checkpoint(one), last_checkpoint(two)
@@ -77,7 +89,10 @@ def test_gradient_accumulation_equals_the_large_batch(run_train):
         if value.is_floating_point():
             torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
     # ... and not trivially: the weights moved.
-    assert not torch.equal(a["state_dict"]["backbone.final_layer.linear.weight"], torch.zeros_like(a["state_dict"]["backbone.final_layer.linear.weight"]))
+    assert not torch.equal(
+        a["state_dict"]["backbone.final_layer.linear.weight"],
+        torch.zeros_like(a["state_dict"]["backbone.final_layer.linear.weight"]),
+    )
 
 
 def test_missing_imagenet_is_a_clear_error_at_start_up(tmp_path, monkeypatch):

@@ -86,9 +86,7 @@ class SyntheticShapes(Dataset):
     across instances and processes.
     """
 
-    def __init__(
-        self, num_samples: int = 4096, image_size: int = 32, num_classes: int = 8, seed: int = 0
-    ) -> None:
+    def __init__(self, num_samples: int = 4096, image_size: int = 32, num_classes: int = 8, seed: int = 0) -> None:
         if not 1 <= num_classes <= MAX_CLASSES:
             raise ValueError(
                 f"num_classes={num_classes} is out of range: SyntheticShapes has {len(COLOURS)} colours x "

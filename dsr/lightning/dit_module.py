@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.utilities import grad_norm
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -164,3 +167,15 @@ class DiTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["dsr"] = {"config": self.run_config, "latent_shape": list(self.latent_shape)}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiTModule:
+        """Rebuild the module from the config stored in a training checkpoint and load its weights (EMA included)."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        config = checkpoint.get("dsr", {}).get("config")
+        if config is None:
+            raise ValueError(f"{path} holds no dsr config: it was not written by dsr.train")
+        module = instantiate(OmegaConf.create(config)["module"])
+        module.load_state_dict(checkpoint["state_dict"])
+        module.run_config = config
+        return module.eval()

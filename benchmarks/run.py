@@ -29,7 +29,7 @@ def backbone_factory(name: str, num_registers: int = 36):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=[f"backbone={name}", f"backbone.num_registers={num_registers}", "data=synthetic"],
+            overrides=[f"backbone={name}", f"backbone.num_registers={num_registers}", "data=imagenet"],
         )
     return instantiate(cfg.backbone), cfg
 

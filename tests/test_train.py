@@ -106,3 +106,13 @@ def test_missing_imagenet_is_a_clear_error_at_start_up(tmp_path, monkeypatch):
     cfg = compose_train(["data=imagenet", f"data.dataset.root={missing}", "trainer.accelerator=cpu"], tmp_path / "run")
     with pytest.raises(FileNotFoundError, match=str(missing)):
         train(cfg)
+
+
+def test_bf16_mixed_precision_trains(run_train):
+    """The bf16 autocast path: finite loss, fp32 master weights and EMA, loss error computed in fp32."""
+    metrics, run_dir = run_train([*TINY_RUN, "trainer.precision=bf16-mixed"], name="bf16")
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    state = last_checkpoint(run_dir)["state_dict"]
+    assert state["backbone.blocks.0.attn.qkv.weight"].dtype == torch.float32
+    assert state["ema.module.blocks.0.attn.qkv.weight"].dtype == torch.float32
+    assert not torch.equal(state["backbone.blocks.0.attn.qkv.weight"], state["ema.module.blocks.0.attn.qkv.weight"])

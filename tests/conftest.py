@@ -59,3 +59,31 @@ def run_train(tmp_path):
 
     yield _run
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A seeded random-init state dict for torch-fidelity's InceptionV3, saved where `torch.load` reads it offline.
+
+    The extractor's constructor always loads a state dict; a subclass that skips the load yields the module's own
+    parameters. Convolutions get He init so activations keep their scale through the 90-odd layers (PyTorch's default
+    init shrinks them to ~1e-8, which would make every distance trivially zero).
+    """
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    folder = tmp_path_factory.mktemp("inception")
+    empty = folder / "empty.pth"
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    net = _Unloaded("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(empty))
+    for module in net.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = folder / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(net.state_dict(), path)
+    return path

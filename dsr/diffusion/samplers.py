@@ -7,7 +7,7 @@ in training, so the sampler spends its steps where the model was trained most.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,6 +37,14 @@ def _batch_time(t: float, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
 
 
+def _fresh_noise(x: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    """Standard normal noise shaped like x [B, ...]: from one generator, or row b from generator b."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    rows = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator]
+    return torch.stack(rows).to(x.device)
+
+
 class ODESampler:
     """Euler or Heun integration of the probability-flow ODE dx/dt = v(x, t) from t = 1 to t_end."""
 
@@ -58,7 +66,7 @@ class ODESampler:
         velocity_fn: VelocityFn,
         noise: Tensor,
         shift: float,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         progress: bool = False,
     ) -> Tensor:
         """Map noise [B, ...] at t = 1 to samples at the last grid time. `generator` is unused (the ODE
@@ -109,11 +117,19 @@ class SDESampler:
         velocity_fn: VelocityFn,
         noise: Tensor,
         shift: float,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         progress: bool = False,
     ) -> Tensor:
-        """Map noise [B, ...] at t = 1 to samples at the last grid time; fresh noise comes from
-        `generator`."""
+        """Map noise [B, ...] at t = 1 to samples at the last grid time; fresh noise comes from `generator`.
+
+        `generator` is one generator for the whole batch, or a sequence of B generators, one per batch row:
+        row b's fresh noise [...] is then drawn from generator b alone (on that generator's device, in x's
+        dtype, then moved to x's device), so a row's trajectory does not depend on the batch it is in.
+        """
+        if generator is not None and not isinstance(generator, torch.Generator):
+            generator = list(generator)
+            if len(generator) != noise.shape[0]:
+                raise ValueError(f"got {len(generator)} generators for a batch of {noise.shape[0]}: need one per row")
         grid = time_grid(self.num_steps, shift, self.t_end).tolist()
         x = noise
         last = len(grid) - 2
@@ -127,6 +143,6 @@ class SDESampler:
                 continue
             g2 = 2.0 * self.diffusion_scale * t_cur
             drift = v - 0.5 * g2 * score_from_velocity(v, x, t)
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = _fresh_noise(x, generator)
             x = x + h * drift + (g2 * abs(h)) ** 0.5 * z
         return x

@@ -7,7 +7,7 @@ classifier-free guidance). Sampling always uses the EMA weights unless asked oth
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,12 +148,16 @@ class DiTModule(L.LightningModule):
         self,
         y: Tensor,
         noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         use_ema: bool = True,
         progress: bool = False,
     ) -> Tensor:
-        """Class labels y [B] -> images [B, 3, H, W] in [0, 1], through the sampler and the encoder's decoder."""
+        """Class labels y [B] -> images [B, 3, H, W] in [0, 1], through the sampler and the encoder's decoder.
+
+        `generator` may be one generator per row (a stochastic sampler then draws each row's noise from its own)."""
         if noise is None:
+            if not isinstance(generator, torch.Generator | None):
+                raise ValueError("pass `noise` explicitly when giving one generator per row")
             noise = torch.randn((len(y), *self.latent_shape), generator=generator, device=self.device)
         model = self.sampling_model(use_ema)
         velocity_fn = self.guidance.velocity_fn(model, y.to(self.device), model.null_class, self.transport)

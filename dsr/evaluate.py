@@ -31,6 +31,8 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dsr.utils.files import atomic_write
+
 # torch_fidelity is imported where it is used: it pulls in torchvision (seconds), and the CLI should report missing
 # Inception weights before paying for that.
 
@@ -355,12 +357,13 @@ def reference_statistics(
         features, _ = extractor.extract(load_images(reference), batch_size=batch_size, device=device, progress=progress)
         cached_stats = FeatureStats.from_features(features)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so an interrupted run never leaves a truncated cache entry behind.
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(
-            tmp, features=features.numpy(), mu=cached_stats.mu, sigma=cached_stats.sigma, num_samples=len(features)
+        # Written atomically, so an interrupted run never leaves a truncated cache entry behind.
+        atomic_write(
+            cache_file,
+            lambda f: np.savez(
+                f, features=features.numpy(), mu=cached_stats.mu, sigma=cached_stats.sigma, num_samples=len(features)
+            ),
         )
-        tmp.replace(cache_file)
     # Statistics stored in the reference (ADM: the whole train set) take precedence over those of its arr_0.
     return (stats if stats is not None else cached_stats), (features if need_features else None)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import zipfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -42,6 +41,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
+
+from dsr.utils.files import atomic_write
 
 log = logging.getLogger("dsr.sample")
 
@@ -155,22 +156,9 @@ def shard_path(out_dir: str | Path, shard: int) -> Path:
     return Path(out_dir) / "shards" / f"shard_{shard:05d}.npz"
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through `write(file)` to a temp file next to `path`, then rename it over `path`."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
     """Atomically write a shard npz: images uint8 [n, H, W, 3], labels int64 [n], indices int64 [n]."""
-    _atomic_write(
+    atomic_write(
         path,
         lambda f: np.savez(
             f, images=images, labels=labels.astype(np.int64), indices=np.asarray(indices, dtype=np.int64)
@@ -216,7 +204,7 @@ def gather_shards(out_dir: str | Path, num_samples: int, shard_size: int) -> Pat
             _write_npy_member(zf, "arr_1", np.int64, (num_samples,), load("labels"))
 
     path = out_dir / "samples.npz"
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -294,7 +282,7 @@ def check_fingerprint(out_dir: Path, fingerprint: dict, write: bool) -> None:
                 "use another out_dir or delete it"
             )
     elif write:
-        _atomic_write(path, lambda f: f.write(OmegaConf.to_yaml(OmegaConf.create(fingerprint)).encode()))
+        atomic_write(path, lambda f: f.write(OmegaConf.to_yaml(OmegaConf.create(fingerprint)).encode()))
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -406,7 +394,7 @@ def run(cfg: DictConfig) -> Path:
             "sampler_name": name,
             "world_size": fabric.world_size,
         }
-        _atomic_write(out_dir / "sample_config.yaml", lambda f: f.write(OmegaConf.to_yaml(resolved).encode()))
+        atomic_write(out_dir / "sample_config.yaml", lambda f: f.write(OmegaConf.to_yaml(resolved).encode()))
         print(npz, flush=True)
     fabric.barrier()
     return npz

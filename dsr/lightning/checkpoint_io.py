@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from dsr.utils.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to `<name>.tmp` in the same directory, fsync, then rename over the target: a crash mid-write
-    keeps the previous checkpoint intact (rename is atomic on POSIX filesystems)."""
+    """Checkpoints go through `atomic_write`: a crash mid-write keeps the previous checkpoint intact."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))

@@ -7,7 +7,7 @@ in training, so the sampler spends its steps where the model was trained most.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -45,15 +45,28 @@ def _fresh_noise(x: Tensor, generator: torch.Generator | list[torch.Generator] |
     return torch.stack(rows).to(x.device)
 
 
-class ODESampler:
+class _GridSampler:
+    """What every sampler shares: the shifted time grid from t = 1 to t_end, walked step by step."""
+
+    def __init__(self, num_steps: int, t_end: float) -> None:
+        self.num_steps = num_steps
+        self.t_end = t_end
+
+    def steps(self, shift: float, progress: bool, desc: str) -> Iterator[tuple[int, float, float]]:
+        """(i, t_i, t_{i+1}) for the num_steps - 1 steps of the grid, with a tqdm bar if `progress`."""
+        grid = time_grid(self.num_steps, shift, self.t_end).tolist()
+        for i in tqdm(range(len(grid) - 1), disable=not progress, desc=desc):
+            yield i, grid[i], grid[i + 1]
+
+
+class ODESampler(_GridSampler):
     """Euler or Heun integration of the probability-flow ODE dx/dt = v(x, t) from t = 1 to t_end."""
 
     def __init__(self, method: str = "euler", num_steps: int = 50, t_end: float = 0.001) -> None:
         if method not in ODE_METHODS:
             raise ValueError(f"method must be one of {ODE_METHODS}, got {method!r}")
+        super().__init__(num_steps, t_end)
         self.method = method
-        self.num_steps = num_steps
-        self.t_end = t_end
 
     def nfe(self) -> int:
         """Velocity evaluations per sample: one per step for Euler, two for Heun."""
@@ -71,10 +84,8 @@ class ODESampler:
     ) -> Tensor:
         """Map noise [B, ...] at t = 1 to samples at the last grid time. `generator` is unused (the ODE
         is deterministic); it is accepted so every sampler shares one signature."""
-        grid = time_grid(self.num_steps, shift, self.t_end).tolist()
         x = noise
-        for i in tqdm(range(len(grid) - 1), disable=not progress, desc=f"{self.method} ODE"):
-            t_cur, t_next = grid[i], grid[i + 1]
+        for _, t_cur, t_next in self.steps(shift, progress, f"{self.method} ODE"):
             h = t_next - t_cur  # negative: integrating toward data
             v = velocity_fn(x, _batch_time(t_cur, x)).to(x.dtype)
             if self.method == "euler":
@@ -87,7 +98,7 @@ class ODESampler:
         return x
 
 
-class SDESampler:
+class SDESampler(_GridSampler):
     """Euler-Maruyama on a reverse-time SDE whose marginals equal the flow's, from t = 1 to t_end.
 
     For any diffusion g(t), dx = [v - g^2 / 2 * score] dt + g dW run backward in time (dt < 0) has the
@@ -103,8 +114,7 @@ class SDESampler:
     def __init__(self, num_steps: int = 250, t_end: float = 0.001, diffusion_scale: float = 1.0) -> None:
         if diffusion_scale < 0:
             raise ValueError(f"diffusion_scale must be >= 0, got {diffusion_scale}")
-        self.num_steps = num_steps
-        self.t_end = t_end
+        super().__init__(num_steps, t_end)
         self.diffusion_scale = diffusion_scale
 
     def nfe(self) -> int:
@@ -130,11 +140,9 @@ class SDESampler:
             generator = list(generator)
             if len(generator) != noise.shape[0]:
                 raise ValueError(f"got {len(generator)} generators for a batch of {noise.shape[0]}: need one per row")
-        grid = time_grid(self.num_steps, shift, self.t_end).tolist()
         x = noise
-        last = len(grid) - 2
-        for i in tqdm(range(len(grid) - 1), disable=not progress, desc="SDE"):
-            t_cur, t_next = grid[i], grid[i + 1]
+        last = self.num_steps - 2
+        for i, t_cur, t_next in self.steps(shift, progress, "SDE"):
             h = t_next - t_cur  # negative: integrating toward data
             t = _batch_time(t_cur, x)
             v = velocity_fn(x, t).to(x.dtype)

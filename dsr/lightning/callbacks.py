@@ -35,19 +35,36 @@ class RunCheckpoint(ModelCheckpoint):
             self.save_final(trainer)
 
 
-class SampleGrid(L.Callback):
+class EveryNSteps(L.Callback):
+    """Calls `run(trainer, pl_module, step)` once at every optimizer step that is a multiple of `every_n_steps`
+    (0: never). `global_step` counts optimizer steps, so accumulated micro-batches do not trigger it again."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every_n_steps = every_n_steps
+        self._last_step = -1
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self.run(trainer, pl_module, step)
+
+
+class SampleGrid(EveryNSteps):
     """Every `every_n_steps` optimizer steps and at the end of training, sample `per_class` images for each
     of the first `num_classes` classes with the EMA model (one row per class, fixed noise so grids are
     comparable over training), save `<dirpath>/step_XXXXXXX.png` and `<dirpath>/final.png`, and log to W&B."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 0, num_classes: int = 10, per_class: int = 8, seed: int = 0):
+        super().__init__(every_n_steps)
         self.dirpath = Path(dirpath)
-        self.every_n_steps = every_n_steps
         self.num_classes = num_classes
         self.per_class = per_class
         self.seed = seed
         self.last_path: Path | None = None
-        self._last_step = -1
 
     def grid(self, pl_module: L.LightningModule) -> torch.Tensor:
         """[3, H', W'] grid, row c = class c."""
@@ -69,17 +86,14 @@ class SampleGrid(L.Callback):
                 logger.log_image("samples/grid", images=[grid], step=trainer.global_step, caption=[name])
         return path
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        step = trainer.global_step  # counts optimizer steps: unchanged across accumulated micro-batches
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step = step
-            self.save(trainer, pl_module, f"step_{step:07d}")
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        self.save(trainer, pl_module, f"step_{step:07d}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer, pl_module, "final")
 
 
-class FIDEvaluation(L.Callback):
+class FIDEvaluation(EveryNSteps):
     """Every `every_n_steps` optimizer steps: `num_samples` class-balanced samples of the EMA model, generated on all
     ranks (rank r takes indices r, r + world, ...; image i depends only on (seed, i), as in `dsr.sample`), Inception
     features extracted on each rank and gathered, then FID and Inception Score (and precision / recall if asked)
@@ -102,9 +116,9 @@ class FIDEvaluation(L.Callback):
         cache_dir: str | None = None,
         dirpath: str | None = None,
     ) -> None:
+        super().__init__(every_n_steps)
         self.reference = reference
         self.inception_weights = inception_weights
-        self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.precision_recall = precision_recall
@@ -113,7 +127,6 @@ class FIDEvaluation(L.Callback):
         self.dirpath = Path(dirpath) if dirpath else None
         self.weights_path: Path | None = None
         self.last_metrics: dict[str, float] = {}
-        self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.every_n_steps:
@@ -129,12 +142,8 @@ class FIDEvaluation(L.Callback):
             raise FileNotFoundError(f"evaluation.reference={self.reference} not found")
         self.weights_path = resolve_inception_weights(self.inception_weights)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step = step
-            metrics = self.evaluate(trainer, pl_module)
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        pl_module.log_dict(self.evaluate(trainer, pl_module), on_step=True, on_epoch=False)
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -159,7 +168,7 @@ class FIDEvaluation(L.Callback):
             seed=self.seed,
             batch_size=self.batch_size,
         )
-        extractor = InceptionFeatures(self.weights_path).to(pl_module.device)
+        extractor = InceptionFeatures(self.weights_path)
         pool, logits = extractor.extract(images, batch_size=self.batch_size, device=pl_module.device)
         # [world, per_rank, D] -> sample order (index = k * world + r), then drop the padding.
         gathered = [trainer.strategy.all_gather(t.to(pl_module.device)) for t in (pool, logits)]

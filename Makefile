@@ -4,10 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup train test lint format bench clean
+.PHONY: help setup train train-rae test lint format bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv and install dsr[dev] under constraints.txt (no-op when up to date)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 train: setup  ## the CPU quickstart: tiny pixel-space DiT with registers on synthetic shapes
 	$(BIN)/python -m dsr.train experiment=quickstart
+
+train-rae: setup  ## the quickstart in a tiny encoder's latents: statistics, stage-1 decoder, stage-2 DiT
+	$(BIN)/python -m dsr.stats experiment=quickstart_rae
+	$(BIN)/python -m dsr.train experiment=quickstart_rae_decoder
+	$(BIN)/python -m dsr.train experiment=quickstart_rae
 
 test: setup  ## the test suite (CPU, a few minutes)
 	$(BIN)/python -m pytest
@@ -34,4 +39,4 @@ bench: setup  ## throughput / FLOP benchmarks -> benchmarks/results/
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf .pytest_cache .ruff_cache outputs multirun benchmarks/results
+	rm -rf .pytest_cache .ruff_cache outputs multirun artifacts benchmarks/results

@@ -1,5 +1,6 @@
-"""Benchmarks (`make bench`): model size and FLOPs of every backbone config, and training / sampling
-throughput on this machine. Results go to benchmarks/results/<device>.json and are printed as a table.
+"""Benchmarks (`make bench`): model size and FLOPs of every backbone config, training / sampling throughput, and
+encoder throughput (tiny encoders, and random-init encoders of the real sizes) on this machine. Results go to
+benchmarks/results/<device>.json and are printed as tables.
 
     python -m benchmarks.run [--backbones dit_tiny dit_s] [--batch 64] [--steps 20]
 """
@@ -19,6 +20,8 @@ from hydra.utils import instantiate
 from dsr.diffusion.guidance import ClassifierFreeGuidance
 from dsr.diffusion.samplers import ODESampler
 from dsr.diffusion.transport import Transport
+from dsr.encoders.dinov2 import DINOv2
+from dsr.encoders.siglip2 import SigLIP2
 from dsr.models.profile import register_overhead
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +102,39 @@ def throughput(
     }
 
 
+# Random-init encoders with each family's tiny test config and the released checkpoints' real sizes.
+ENCODERS = {
+    "tiny siglip": (SigLIP2, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=4), 32),
+    "tiny dinov2_reg": (DINOv2, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=28, patch_size=7, num_register_tokens=4), 28),
+    "tiny dinov2": (DINOv2, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=28, patch_size=7), 28),
+    "siglip2_b": (SigLIP2, dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                image_size=256, patch_size=16), 256),
+    "siglip2_so400m": (SigLIP2, dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                     num_attention_heads=16, image_size=224, patch_size=14), 224),
+    "dinov2_b_reg": (DINOv2, dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                  image_size=518, patch_size=14, num_register_tokens=4), 224),
+}  # fmt: skip
+
+
+def encoder_throughput(name: str, batch: int, repeats: int, device: torch.device) -> dict:
+    """Images/s of `tokens` (resize, normalise, frozen forward) on 256 px images (32 px for the tiny ones)."""
+    family, config, input_size = ENCODERS[name]
+    image_size = 32 if name.startswith("tiny") else 256
+    codec = family(pretrained=None, config=config, input_size=input_size, image_size=image_size).to(device)
+    images = torch.rand(batch, 3, image_size, image_size, device=device)
+    seconds = timed(lambda: codec.tokens(images), repeats, device)
+    return {
+        "encoder": name,
+        "latent": list(codec.latent_shape),
+        "batch": batch,
+        "bf16": codec.precision == "bf16" and device.type == "cuda",
+        "img_per_s": batch / seconds,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="*", default=None)
@@ -117,6 +153,9 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "sizes": size_table(),
         "throughput": [throughput(b, latent, batch, args.steps, device, bf16=on_gpu) for b in backbones],
+        "encoders": [
+            encoder_throughput(name, 256 if name.startswith("tiny") or on_gpu else 4, 3, device) for name in ENCODERS
+        ],
     }
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +173,12 @@ def main() -> None:
         print(
             f"{row['backbone']:10} {str(tuple(row['latent'])):>14} {row['batch']:6d} {row['train_img_per_s']:12.1f} "
             f"{row['sample_img_per_s']:30.2f}"
+        )
+    print(f"\n{'encoder':16} {'latent':>16} {'batch':>6} {'bf16':>5} {'img/s':>9}")
+    for row in results["encoders"]:
+        print(
+            f"{row['encoder']:16} {str(tuple(row['latent'])):>16} {row['batch']:6d} {str(row['bf16']):>5} "
+            f"{row['img_per_s']:9.1f}"
         )
     print(f"\nwritten to {out}")
 

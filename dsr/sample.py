@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dsr.utils.fabric import launch_fabric
 from dsr.utils.files import atomic_write
 
 log = logging.getLogger("dsr.sample")
@@ -290,28 +291,12 @@ def check_fingerprint(out_dir: Path, fingerprint: dict, write: bool) -> None:
 # -------------------------------------------------------------------------------------------------------
 
 
-def _strategy(devices: Any) -> str:
-    if isinstance(devices, int) and devices > 1:
-        return "ddp"
-    if isinstance(devices, str) and devices.isdigit() and int(devices) > 1:
-        return "ddp"
-    if isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) > 1:
-        return "ddp"
-    return "auto"
-
-
 def run(cfg: DictConfig) -> Path:
     """Generate (or finish generating) the configured samples; return the path of `samples.npz`."""
-    import lightning as L
-
     from dsr.lightning.dit_module import DiTModule
 
     ckpt = validate(cfg)
-    devices = OmegaConf.to_container(cfg.devices) if OmegaConf.is_config(cfg.devices) else cfg.devices
-    fabric = L.Fabric(
-        accelerator=cfg.accelerator, devices=devices, strategy=_strategy(devices), precision=str(cfg.precision)
-    )
-    fabric.launch()
+    fabric = launch_fabric(cfg.accelerator, cfg.devices, str(cfg.precision))
 
     module = DiTModule.from_checkpoint(ckpt, map_location="cpu")
     module.solver = instantiate(cfg.sampler.solver)

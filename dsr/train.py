@@ -27,12 +27,22 @@ log = logging.getLogger("dsr.train")
 # Deprecation notices raised inside torchdata and Lightning themselves: nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*set_vital.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+# Frozen encoders, LPIPS and discriminator backbones stay in eval mode on purpose.
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
 
 
 def resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
     """`<run_dir>/checkpoints/last.ckpt` if resuming and it exists."""
     last = run_dir / "checkpoints" / "last.ckpt"
     return last if resume and last.is_file() else None
+
+
+def initialize_from(module: L.LightningModule, path: str | Path) -> None:
+    """Load a checkpoint's weights (strictly: every trained key must match) into a fresh module; the optimizer,
+    schedule and step count start anew."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"init_from={path} does not exist")
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
 
 
 def resolved_config(cfg: DictConfig) -> dict:
@@ -64,13 +74,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build(cfg.data)
     module = build(cfg.module)
+    if hasattr(datamodule.dataset, "check_encoder"):  # cached latents: made by this encoder?
+        datamodule.dataset.check_encoder(OmegaConf.to_container(cfg.encoder, resolve=True), module.latent_shape)
     module.run_config = resolved_config(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
 
     plan = datamodule.configure_batches(trainer.world_size)
-    trainer.accumulate_grad_batches = plan.accumulate
+    if module.automatic_optimization:
+        trainer.accumulate_grad_batches = plan.accumulate
+    else:  # several optimizers stepped by hand (stage=decoder): the module accumulates itself
+        module.accumulate_grad_batches = plan.accumulate
     if trainer.is_global_zero:
         log.info(
             "batch: global %d = %d devices x %d micro-batch x %d accumulation",
@@ -79,23 +94,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
             plan.micro_batch_size,
             plan.accumulate,
         )
-        overhead = register_overhead(instantiate(cfg.module.backbone), module.latent_shape)
-        log.info(
-            "backbone: %.2fM params, %.2f GFLOPs/forward; without registers %.2fM, %.2f GFLOPs "
-            "(registers add %.2f%% params, %.2f%% FLOPs)",
-            overhead["params_M_with_registers"],
-            overhead["gflops_with_registers"],
-            overhead["params_M_without_registers"],
-            overhead["gflops_without_registers"],
-            overhead["params_overhead_pct"],
-            overhead["gflops_overhead_pct"],
-        )
+        model_info = {}
+        if "backbone" in cfg.module:
+            model_info = register_overhead(instantiate(cfg.module.backbone), module.latent_shape)
+            log.info(
+                "backbone: %.2fM params, %.2f GFLOPs/forward; without registers %.2fM, %.2f GFLOPs "
+                "(registers add %.2f%% params, %.2f%% FLOPs)",
+                model_info["params_M_with_registers"],
+                model_info["gflops_with_registers"],
+                model_info["params_M_without_registers"],
+                model_info["gflops_without_registers"],
+                model_info["params_overhead_pct"],
+                model_info["gflops_overhead_pct"],
+            )
         for logger in trainer.loggers:
-            logger.log_hyperparams({"config": module.run_config, "model": overhead})
+            logger.log_hyperparams({"config": module.run_config, "model": model_info})
 
     ckpt_path = resume_checkpoint(run_dir, cfg.resume)
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
+    elif cfg.get("init_from"):
+        initialize_from(module, cfg.init_from)
+        log.info("weights (and EMA) initialised from %s", cfg.init_from)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -61,7 +61,9 @@ def test_pixel_encoder_patches_are_channels_and_round_trip():
 GROUPS = {
     "backbone": ["dit_tiny", "dit_s", "dit_b", "dit_l", "dit_xl"],
     "sampler": ["euler", "heun", "sde"],
-    "registers": ["none", "diffusion"],
+    "registers": ["none", "diffusion", "trained", "ttr", "recursive_ttr", "dsr"],
+    "encoder": ["siglip2_b", "siglip2_so400m", "dinov2_b_reg", "dinov2_b", "tiny", "pixel"],
+    "decoder": ["vit_b", "vit_l", "vit_xl", "tiny"],
     "recipe": ["dsr_release", "rae"],
     "logger": ["csv", "wandb"],
 }
@@ -73,7 +75,8 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
     cfg = compose_train([f"{group}={option}", "data=synthetic"], tmp_path)
     with torch.device("meta"):
         backbone = instantiate(cfg.backbone)(in_channels=48, input_size=(8, 8))
-    assert backbone.num_registers == (0 if option == "none" else 36)
+    diffusion_registers = {"none": 0, "trained": 0, "ttr": 0, "recursive_ttr": 0}.get(option, 36)
+    assert backbone.num_registers == (diffusion_registers if group == "registers" else 36)
     assert backbone.depth == cfg.backbone.depth
     solver = instantiate(cfg.sampler.solver)
     assert solver.num_steps >= 2
@@ -133,3 +136,22 @@ def test_tiny_model_learns_the_requested_class(run_train):
     assert (red > 0).float().mean() >= 0.8 and (green < 0).float().mean() >= 0.8, (red, green)
     assert abs(red.mean() - target_red) < 0.5 * target_red
     assert abs(green.mean() - target_green) < 0.5 * abs(target_green)
+
+
+@pytest.mark.parametrize(
+    "encoder, registers, expected",
+    [
+        ("siglip2_b", "dsr", "ttr"),
+        ("siglip2_so400m", "dsr", "recursive_ttr"),
+        ("dinov2_b_reg", "dsr", "trained"),
+        ("pixel", "dsr", "none"),
+        ("siglip2_b", "diffusion", "none"),
+        ("siglip2_so400m", "recursive_ttr", "recursive_ttr"),
+    ],
+)
+def test_register_options_select_the_encoder_side_and_its_artifacts(encoder, registers, expected, tmp_path):
+    cfg = compose_train([f"encoder={encoder}", f"registers={registers}", "paths.artifacts=/a"], tmp_path)
+    assert cfg.encoder.get("registers") == expected
+    if encoder != "pixel":  # statistics and decoders are per (encoder, encoder-side registers)
+        assert cfg.encoder.stats == f"/a/{encoder}-{expected}/stats.pt"
+        assert cfg.encoder.decoder_weights == f"/a/{encoder}-{expected}/decoder-vit_xl.pt"

@@ -212,3 +212,32 @@ def test_shifted_logit_normal_quantiles():
     q = torch.quantile(t.double(), torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
     np.testing.assert_allclose(q.numpy(), [0.572, 0.779, 0.874, 0.932, 0.973], atol=0.01)
     assert t.max() <= time_shift(torch.tensor(0.999), math.sqrt(48))
+
+
+def test_loss_masking_drops_high_norm_tokens_per_sample():
+    """Loss masking (tau on the clean latent's per-token norm) against a loop over samples and tokens."""
+    x, noise, t, y = _batch(3)
+    x[0, :, 1, 2] *= 40  # planted outliers: two tokens of sample 0, one of sample 2
+    x[0, :, 4, 0] *= 40
+    x[2, :, 0, 0] *= 40
+    x[3] *= 40  # every token of sample 3: an empty mask must not divide by zero
+    tau = 10.0
+    out = Transport(prediction="velocity", mask_norm_threshold=tau).training_loss(
+        LinearModel(), torch.from_numpy(x), torch.from_numpy(y), noise=torch.from_numpy(noise), t=torch.from_numpy(t)
+    )
+    loss_map = out.loss_map.numpy()
+    norms = np.sqrt((x**2).sum(axis=1))
+    per_sample, dropped = [], 0
+    for b in range(B):
+        kept = [loss_map[b, i, j] for i in range(H) for j in range(W) if norms[b, i, j] <= tau]
+        dropped += H * W - len(kept)
+        per_sample.append(sum(kept) / max(1, len(kept)))
+    assert dropped == 3 + H * W
+    np.testing.assert_allclose(out.masked_fraction.item(), dropped / (B * H * W), rtol=1e-12)
+    np.testing.assert_allclose(out.loss.item(), np.mean(per_sample), rtol=1e-10)
+    # Without a threshold nothing is masked and the loss is the plain mean.
+    plain = Transport(prediction="velocity").training_loss(
+        LinearModel(), torch.from_numpy(x), torch.from_numpy(y), noise=torch.from_numpy(noise), t=torch.from_numpy(t)
+    )
+    assert plain.masked_fraction is None
+    np.testing.assert_allclose(plain.loss.item(), loss_map.mean(), rtol=1e-10)

@@ -9,12 +9,19 @@ a run resumed mid-epoch continues with the very next batch, and later epochs are
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+from dsr.data.latents import FlipSampler
+
+# `val_dataloader` returns [] when there is no validation set; Lightning then skips validation, with this notice.
+warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
 
 
 @dataclass(frozen=True)
@@ -56,9 +63,11 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = True,
         seed: int = 0,
+        val_dataset: Dataset | None = None,
     ) -> None:
         super().__init__()
         self.dataset = dataset
+        self.val_dataset = val_dataset
         self.image_size = image_size
         self.num_classes = num_classes
         self.global_batch_size = global_batch_size
@@ -86,7 +95,9 @@ class ImageDataModule(L.LightningDataModule):
                 f"(data.global_batch_size={self.plan.global_batch_size})"
             )
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = DistributedSampler(
+        # Cached latents hold several views per image (image, mirror): their sampler also picks one per epoch.
+        sampler_class = FlipSampler if getattr(self.dataset, "num_views", 1) > 1 else DistributedSampler
+        sampler = sampler_class(
             self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=True
         )
         return StatefulDataLoader(
@@ -97,4 +108,21 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation set in order, split over ranks without the padding duplicates `DistributedSampler` adds
+        (rank r takes images r, r + world, ...), one micro-batch at a time; [] (no validation) without one."""
+        if self.val_dataset is None:
+            return []
+        if self.plan is None:
+            raise RuntimeError("call configure_batches(world_size) before building the validation loader")
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = UnrepeatedDistributedSampler(self.val_dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.plan.micro_batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
         )

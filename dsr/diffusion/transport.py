@@ -85,10 +85,11 @@ def score_from_velocity(v: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
 class LossOutput:
     """The flow-matching loss and what the training loop logs from it."""
 
-    loss: Tensor  # scalar, == loss_map.mean()
+    loss: Tensor  # scalar: loss_map.mean(), or the per-sample mean over kept tokens when masking
     loss_map: Tensor  # [B, H, W], squared velocity error averaged over channels
     t: Tensor  # [B]
     pred_velocity: Tensor  # [B, C, H, W]
+    masked_fraction: Tensor | None = None  # scalar: share of tokens left out of the loss (with a norm threshold)
 
 
 class Transport:
@@ -108,6 +109,7 @@ class Transport:
         shift_dim: int | None = None,
         shift_base_dim: int = 4096,
         x_pred_t_clamp: float = 0.05,
+        mask_norm_threshold: float | None = None,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -125,6 +127,7 @@ class Transport:
         self.shift_dim = shift_dim
         self.shift_base_dim = shift_base_dim
         self.x_pred_t_clamp = x_pred_t_clamp
+        self.mask_norm_threshold = mask_norm_threshold
 
     def shift_for(self, latent_shape: Sequence[int]) -> float:
         """The time shift for latents of shape (C, H, W): explicit `shift`, else from `shift_dim`,
@@ -185,6 +188,11 @@ class Transport:
 
         `model(x_t, t, y)` returns a velocity or a clean-latent prediction (see `prediction`). Noise and
         t are drawn with `generator` unless given.
+
+        With `mask_norm_threshold` = tau (the paper's loss-masking ablation), tokens whose clean latent has norm
+        ||x[b, :, i, j]|| > tau are left out: loss = mean_b (sum of kept errors / max(1, kept tokens)), a per-sample
+        mean over kept tokens so images with outliers are not down-weighted. They are still noised, seen by the
+        model and generated at sampling time; they are only unsupervised.
         """
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -200,4 +208,10 @@ class Transport:
         dtype = torch.promote_types(v_hat.dtype, torch.float32)
         err = (v_hat.to(dtype) - u.to(dtype)).square()
         loss_map = err.mean(dim=1)
-        return LossOutput(loss=loss_map.mean(), loss_map=loss_map, t=t, pred_velocity=v_hat)
+        if self.mask_norm_threshold is None:
+            return LossOutput(loss=loss_map.mean(), loss_map=loss_map, t=t, pred_velocity=v_hat)
+        keep = (x.to(dtype).norm(dim=1) <= self.mask_norm_threshold).to(dtype)  # [B, H, W]
+        per_sample = (loss_map * keep).flatten(1).sum(1) / keep.flatten(1).sum(1).clamp_min(1)
+        return LossOutput(
+            loss=per_sample.mean(), loss_map=loss_map, t=t, pred_velocity=v_hat, masked_fraction=1 - keep.mean()
+        )

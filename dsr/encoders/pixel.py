@@ -11,8 +11,13 @@ from torch import Tensor, nn
 
 
 class PixelEncoder(nn.Module):
-    def __init__(self, image_size: int = 32, patch_size: int = 4) -> None:
+    def __init__(self, image_size: int = 32, patch_size: int = 4, registers: str = "none") -> None:
         super().__init__()
+        if registers != "none":
+            raise ValueError(
+                f"encoder=pixel has no encoder-side registers (registers={registers!r} asks for them): "
+                "use registers=diffusion, dsr or none"
+            )
         if image_size % patch_size:
             raise ValueError(f"encoder.image_size={image_size} must be divisible by encoder.patch_size={patch_size}")
         self.image_size = image_size

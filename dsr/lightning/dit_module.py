@@ -7,7 +7,7 @@ classifier-free guidance). Sampling always uses the EMA weights unless asked oth
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from dsr.diffusion.guidance import ClassifierFreeGuidance
 from dsr.diffusion.transport import Transport
 from dsr.encoders.base import LatentCodec
+from dsr.utils.frozen import drop_frozen, fill_frozen
 
 
 @dataclass
@@ -103,14 +104,23 @@ class DiTModule(L.LightningModule):
         part = slice((batch_idx % accumulate) * micro_batch_size, (batch_idx % accumulate + 1) * micro_batch_size)
         return noise[part], t[part], uniform[part]
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, y = batch
+    def latents(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Normalised latents [B, C, h, w] and labels [B] of a batch of images (encoded on the fly) or of cached
+        raw latents (`{"latents", "y"}` from `dsr.data.latents.CachedLatents`, normalised here)."""
         with torch.no_grad():
-            z = self.encoder.encode(images)
+            if isinstance(batch, dict):
+                return self.encoder.normalize(batch["latents"].float()), batch["y"]
+            images, y = batch
+            return self.encoder.encode(images), y
+
+    def training_step(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor], batch_idx: int) -> Tensor:
+        z, y = self.latents(batch)
         noise, t, uniform = self.step_randomness(batch_idx, len(y))
         y = self.backbone.y_embedder.drop_labels(y, uniform)
         out = self.transport.training_loss(self.backbone, z, y, noise=noise.to(z.dtype), t=t.to(z.dtype))
         self.log("train/loss", out.loss, prog_bar=True)
+        if out.masked_fraction is not None:
+            self.log("train/masked_fraction", out.masked_fraction)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -170,7 +180,12 @@ class DiTModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen encoder and decoder reload from their own files; the latent statistics stay (buffers).
+        checkpoint["state_dict"] = drop_frozen(self, checkpoint["state_dict"])
         checkpoint["dsr"] = {"config": self.run_config, "latent_shape": list(self.latent_shape)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        return super().load_state_dict(fill_frozen(self, state_dict), strict=strict, assign=assign)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiTModule:
@@ -179,7 +194,10 @@ class DiTModule(L.LightningModule):
         config = checkpoint.get("dsr", {}).get("config")
         if config is None:
             raise ValueError(f"{path} holds no dsr config: it was not written by dsr.train")
-        module = instantiate(OmegaConf.create(config)["module"])
+        build = OmegaConf.create(config)
+        if "stats" in build.module.encoder:
+            build.module.encoder.stats = None  # the statistics are in the checkpoint; the file may have moved
+        module = instantiate(build.module)
         module.load_state_dict(checkpoint["state_dict"])
         module.run_config = config
         return module.eval()

@@ -78,6 +78,30 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def unpatchify(x: Tensor, patch_size: int, grid_size: tuple[int, int], channels: int) -> Tensor:
+    """Tokens [B, h*w, p*p*C] (row-major grid, each read as (p_row, p_col, channel)) -> [B, C, h*p, w*p]."""
+    p, (h, w) = patch_size, grid_size
+    x = x.reshape(x.shape[0], h, w, p, p, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], channels, h * p, w * p)
+
+
+def init_embedders_and_zero_adaln(model: nn.Module, patch_embedders: list[PatchEmbed], blocks: list[nn.Module]) -> None:
+    """The DiT recipe shared by LightningDiT and DiT-DH: patch embeddings initialised like a Linear (xavier, zero
+    bias), label table and time MLP N(0, 0.02), and adaLN-Zero (every block starts as the identity, output zero)."""
+    for embedder in patch_embedders:
+        w = embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(embedder.proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in [*blocks, model.final_layer]:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
+
+
 class LightningDiT(nn.Module):
     """Diffusion transformer on a [B, C, H, W] latent. See the module docstring."""
 
@@ -146,21 +170,7 @@ class LightningDiT(nn.Module):
                     nn.init.zeros_(module.bias)
 
         self.apply(_basic_init)
-        # Patch embedding initialised like a Linear rather than a Conv2d.
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the output starts at zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        init_embedders_and_zero_adaln(self, [self.x_embedder], self.blocks)
 
     @property
     def null_class(self) -> int:
@@ -176,9 +186,7 @@ class LightningDiT(nn.Module):
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """[B, h*w, p*p*C] -> [B, C, h*p, w*p]."""
-        p, (h, w), c = self.patch_size, self.grid_size, self.out_channels
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x, self.patch_size, self.grid_size, self.out_channels)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x: [B, C, H, W], t: [B] in [0, 1], y: [B] class labels (null_class = unconditional) -> [B, C, H, W]."""

@@ -1,0 +1,117 @@
+"""Write an encoder's latents of a dataset to shards, so long stage-2 runs skip the encoder.
+
+    python -m dsr.cache_latents encoder=siglip2_so400m data=imagenet [cache.views=both] [devices=8]
+    python -m dsr.train encoder=siglip2_so400m data=latents ...        # trains from the cache
+
+Each image is centre-cropped as in training (no random flip) and encoded together with its mirror image
+(`views=both`), the raw latents stored in float16 by default (see `dsr/data/latents.py` for the layout).
+Shard s holds images [s * shard_size, (s + 1) * shard_size) and is written by rank s % world_size, atomically;
+shards already on disk are skipped, so a crashed run resumes by running the same command again. The manifest is
+written last: a cache without one is incomplete and training refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from dsr.data.latents import MANIFEST, labels_path, latents_path
+from dsr.sample import shard_ranges
+from dsr.stats import views_of, without_flip
+from dsr.utils.fabric import launch_fabric
+from dsr.utils.files import atomic_write
+
+log = logging.getLogger("dsr.cache_latents")
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+SETTINGS = "settings.json"  # written first: a later run with other settings must not mix its shards in
+
+
+def encode_shard(codec, dataset, start: int, stop: int, views: str, batch_size: int, num_workers: int, device):
+    """Raw latents [n, V, C, h, w] (float32) and labels [n] of images [start, stop)."""
+    loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, num_workers=num_workers)
+    latents, labels = [], []
+    for images, y in loader:
+        z = codec.tokens(views_of(images.to(device), views)).cpu()
+        num_views = len(z) // len(images)
+        latents.append(z.reshape(num_views, len(images), *z.shape[1:]).transpose(0, 1))
+        labels.append(torch.as_tensor(y))
+    return torch.cat(latents).numpy(), torch.cat(labels).numpy().astype(np.int64)
+
+
+def check_settings(out_dir: Path, settings: dict) -> None:
+    path = out_dir / SETTINGS
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing != settings:
+            changed = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
+            raise ValueError(
+                f"cache.output={out_dir} holds latents cached with other settings (differ in: {', '.join(changed)}); "
+                "use another cache.output or delete it"
+            )
+    else:
+        atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+
+def run(cfg: DictConfig) -> Path:
+    if cfg.cache.dtype not in DTYPES:
+        raise ValueError(f"cache.dtype={cfg.cache.dtype!r}: choose one of {sorted(DTYPES)}")
+    fabric = launch_fabric(cfg.accelerator, cfg.devices)
+    codec = instantiate(cfg.encoder).to(fabric.device).eval()
+    dataset = instantiate(without_flip(cfg.data.dataset))
+    num_samples = len(dataset) if cfg.cache.num_samples is None else min(cfg.cache.num_samples, len(dataset))
+    out_dir = Path(cfg.cache.output)
+    settings = {
+        "num_samples": num_samples,
+        "shard_size": int(cfg.cache.shard_size),
+        "latent_shape": list(codec.latent_shape),
+        "views": ["original", "flipped"] if cfg.cache.views == "both" else ["original"],
+        "dtype": cfg.cache.dtype,
+        "encoder": OmegaConf.to_container(cfg.encoder, resolve=True),
+        "dataset": OmegaConf.to_container(cfg.data.dataset, resolve=True),
+    }
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_settings(out_dir, settings)
+    fabric.barrier()
+
+    ranges = shard_ranges(num_samples, cfg.cache.shard_size)
+    mine = [s for s in range(len(ranges)) if s % fabric.world_size == fabric.global_rank]
+    todo = [s for s in mine if not latents_path(out_dir, s).is_file()]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", desc="caching latents",
+               disable=fabric.global_rank != 0)  # fmt: skip
+    for shard in todo:
+        start, stop = ranges[shard]
+        latents, labels = encode_shard(
+            codec, dataset, start, stop, cfg.cache.views, cfg.cache.batch_size, cfg.cache.num_workers, fabric.device
+        )
+        # Labels first: a shard counts as done once its latents file exists.
+        stored = latents.astype(DTYPES[cfg.cache.dtype])
+        atomic_write(labels_path(out_dir, shard), lambda f, a=labels: np.save(f, a))
+        atomic_write(latents_path(out_dir, shard), lambda f, a=stored: np.save(f, a))
+        bar.update(1)
+    bar.close()
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        atomic_write(out_dir / MANIFEST, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        print(f"latent cache ({num_samples} images x {len(settings['views'])} views): {out_dir}", flush=True)
+    fabric.barrier()
+    return out_dir
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="cache_latents")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

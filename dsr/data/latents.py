@@ -1,0 +1,101 @@
+"""Cached encoder latents: shards written by `python -m dsr.cache_latents`, read back as a map-style dataset.
+
+Layout of a cache directory:
+
+    manifest.json                 num_samples, shard_size, latent_shape, views, dtype, encoder and dataset configs
+    latents_00000.npy ...         [n, V, C, h, w] raw latents (before normalisation) of images [s * shard_size, ...)
+    labels_00000.npy ...          [n] int64 class labels
+
+View 0 is the image as loaded (centre-cropped), view 1 (when cached) its mirror image. The latents are raw, so
+new statistics need no new cache. Shards are memory-mapped: a worker touches only the rows it reads.
+
+`CachedLatents[i]` is image i's first view; `CachedLatents[(i, v)]` its view v. `FlipSampler` is the
+`DistributedSampler` for it: each epoch it picks one view per image from a generator keyed by (seed, epoch), the
+cached counterpart of a random horizontal flip that stays exactly reproducible on resume.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+MANIFEST = "manifest.json"
+_HINT = "write a cache with `python -m dsr.cache_latents encoder=<name> data=<dataset>` or set data.dataset.root"
+
+
+def latents_path(root: str | Path, shard: int) -> Path:
+    return Path(root) / f"latents_{shard:05d}.npy"
+
+
+def labels_path(root: str | Path, shard: int) -> Path:
+    return Path(root) / f"labels_{shard:05d}.npy"
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"data.dataset.root={root}: no {MANIFEST} (an incomplete or missing cache); {_HINT}")
+    return json.loads(path.read_text())
+
+
+class CachedLatents(Dataset):
+    """Items `{"latents": float32 [C, h, w], "y": int}` from a latent cache directory."""
+
+    def __init__(self, root: str | None) -> None:
+        if root is None:
+            raise FileNotFoundError(f"data.dataset.root is not set; {_HINT}")
+        self.root = Path(root).expanduser()
+        self.manifest = read_manifest(self.root)
+        self.num_samples = int(self.manifest["num_samples"])
+        self.shard_size = int(self.manifest["shard_size"])
+        self.num_views = len(self.manifest["views"])
+        self.latent_shape = tuple(self.manifest["latent_shape"])
+        self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.labels = np.concatenate(
+            [np.load(labels_path(self.root, s)) for s in range(-(-self.num_samples // self.shard_size))]
+        )
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _shard(self, shard: int) -> np.ndarray:
+        if shard not in self._shards:
+            self._shards[shard] = np.load(latents_path(self.root, shard), mmap_mode="r")
+        return self._shards[shard]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, view = key if isinstance(key, tuple) else (key, 0)
+        shard, row = divmod(int(index), self.shard_size)
+        latents = torch.from_numpy(np.asarray(self._shard(shard)[row, view], dtype=np.float32))
+        return {"latents": latents, "y": int(self.labels[index])}
+
+    def check_encoder(self, encoder: Mapping, latent_shape: tuple[int, ...]) -> None:
+        """Fail at start-up if the cache was written by another encoder (or other encoder settings)."""
+        if tuple(latent_shape) != self.latent_shape:
+            raise ValueError(
+                f"data.dataset.root={self.root} holds latents of shape {self.latent_shape}, but the encoder makes "
+                f"{tuple(latent_shape)}: cache this encoder's latents or choose the matching encoder"
+            )
+        cached = self.manifest.get("encoder", {})
+        keys = ("_target_", "pretrained", "input_size", "config", "registers")
+        differ = [k for k in keys if k in cached and k in encoder and cached[k] != encoder[k]]
+        if differ:
+            raise ValueError(
+                f"data.dataset.root={self.root} was cached with another encoder (differs in {', '.join(differ)}); "
+                "cache this encoder's latents or choose the matching encoder"
+            )
+
+
+class FlipSampler(DistributedSampler):
+    """Yields (index, view): the distributed shuffle of the indices, each with a view drawn per (seed, epoch)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        views = torch.randint(self.dataset.num_views, (len(self.dataset),), generator=generator)
+        for index in super().__iter__():
+            yield index, int(views[index])

@@ -1,0 +1,181 @@
+"""Latent normalisation statistics: the exact per-position mean and variance [C, h, w] of an encoder's latents.
+
+    python -m dsr.stats encoder=siglip2_b data=imagenet [stats.num_samples=N] [stats.views=both] [devices=8]
+
+Every image contributes its latent and, with `views=both` (the default), the latent of its mirror image, since
+stage 2 trains on randomly flipped images. Moments are accumulated in float64 with Chan et al.'s pairwise update
+(count, mean, sum of squared deviations), so the result is the population mean and variance of the whole set,
+independent of batch size and order up to rounding; each rank takes indices rank, rank + W, ... (no padding
+duplicates) and the ranks' moments are merged the same way. The file `{"mean", "var", "count", ...}` lands at
+`paths.latent_stats` (artifacts/<encoder>/stats.pt), where stage-2 configs look for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from dsr.utils.fabric import launch_fabric
+from dsr.utils.files import atomic_write
+
+log = logging.getLogger("dsr.stats")
+
+VIEWS = ("original", "both")
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations (M2) of a stream of [..., *shape] samples, in float64."""
+
+    count: int
+    mean: Tensor
+    m2: Tensor
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...]) -> Moments:
+        return cls(0, torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64))
+
+    @classmethod
+    def of(cls, batch: Tensor) -> Moments:
+        """Moments of a batch [B, *shape]."""
+        batch = batch.detach().double().cpu()
+        mean = batch.mean(0)
+        return cls(len(batch), mean, ((batch - mean) ** 2).sum(0))
+
+    def merge(self, other: Moments) -> Moments:
+        """Chan et al.'s parallel combination: exact for any split of the data."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / count)
+        return Moments(count, mean, m2)
+
+    @property
+    def var(self) -> Tensor:
+        """Population (biased) variance, as the reference's statistics."""
+        return self.m2 / max(self.count, 1)
+
+
+def views_of(images: Tensor, views: str) -> Tensor:
+    """[B, 3, H, W] -> [B * V, 3, H, W]: the images, and with `both` their horizontal mirrors."""
+    if views not in VIEWS:
+        raise ValueError(f"stats.views={views!r}: choose one of {VIEWS}")
+    return torch.cat([images, images.flip(-1)]) if views == "both" else images
+
+
+def latent_moments(
+    codec: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    views: str = "both",
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Moments:
+    """Moments of `codec.tokens` (raw latents [C, h, w]) over every image of `dataset`."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    moments = Moments.empty(tuple(codec.latent_shape))
+    for images, _ in tqdm(loader, desc="latent statistics", unit="batch", disable=not progress):
+        latents = codec.tokens(views_of(images.to(device), views))
+        moments = moments.merge(Moments.of(latents))
+    return moments
+
+
+def gather_moments(fabric, moments: Moments) -> Moments:
+    """Merge every rank's moments (in rank order, so every rank gets the same result)."""
+    if fabric.world_size == 1:
+        return moments
+    count = fabric.all_gather(torch.tensor(moments.count, dtype=torch.float64, device=fabric.device)).cpu()
+    mean = fabric.all_gather(moments.mean.to(fabric.device)).cpu()
+    m2 = fabric.all_gather(moments.m2.to(fabric.device)).cpu()
+    merged = Moments.empty(tuple(moments.mean.shape))
+    for rank in range(fabric.world_size):
+        merged = merged.merge(Moments(int(count[rank]), mean[rank], m2[rank]))
+    return merged
+
+
+def subset_indices(size: int, num_samples: int | None, seed: int) -> list[int]:
+    """All indices, or a seeded random subset of `num_samples` of them (sorted)."""
+    if num_samples is None or num_samples >= size:
+        return list(range(size))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(size, generator=generator)[:num_samples].tolist())
+
+
+def save_stats(path: str | Path, moments: Moments, **metadata: object) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"mean": moments.mean.float(), "var": moments.var.float(), "count": moments.count, **metadata}
+    atomic_write(path, lambda f: torch.save(payload, f))
+    return path
+
+
+def without_flip(dataset_node: DictConfig) -> DictConfig:
+    """The dataset config with its random flip off: the views are chosen explicitly here."""
+    node = dataset_node.copy()
+    if "flip" in node:
+        with open_dict(node):
+            node.flip = False
+    return node
+
+
+def run(cfg: DictConfig) -> Path:
+    fabric = launch_fabric(cfg.accelerator, cfg.devices)
+    codec = instantiate(cfg.encoder).to(fabric.device).eval()
+    dataset = instantiate(without_flip(cfg.data.dataset))
+    indices = subset_indices(len(dataset), cfg.stats.num_samples, cfg.seed)
+    mine = Subset(dataset, indices[fabric.global_rank :: fabric.world_size])
+    if fabric.global_rank == 0:
+        log.info(
+            "statistics of %s latents %s over %d images x %s view(s) on %d device(s)",
+            cfg.encoder._target_.rsplit(".", 1)[-1],
+            tuple(codec.latent_shape),
+            len(indices),
+            cfg.stats.views,
+            fabric.world_size,
+        )
+    moments = latent_moments(
+        codec,
+        mine,
+        cfg.stats.batch_size,
+        cfg.stats.num_workers,
+        cfg.stats.views,
+        fabric.device,
+        progress=fabric.global_rank == 0,
+    )
+    moments = gather_moments(fabric, moments)
+    path = Path(cfg.stats.output)
+    if fabric.global_rank == 0:
+        save_stats(
+            path,
+            moments,
+            views=cfg.stats.views,
+            num_images=len(indices),
+            encoder=OmegaConf.to_container(cfg.encoder, resolve=True),
+            dataset=OmegaConf.to_container(cfg.data.dataset, resolve=True),
+        )
+        print(f"latent statistics ({moments.count} latents): {path}", flush=True)
+    fabric.barrier()
+    return path
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="stats")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,518 @@
+"""Import of released RAE / DSR files: key layout, checks, and a converted model's forward against stored values.
+
+No reference code is needed: release-format files are written here from the documented key layout.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsr.convert import (
+    compose_run_config,
+    convert_stats,
+    dsr_to_release,
+    main,
+    release_layout,
+    release_to_dsr,
+    release_weights,
+    strip_prefixes,
+)
+from dsr.lightning.dit_module import DiTModule
+from dsr.models.ddt import DiTDH
+from dsr.models.dit import LightningDiT
+
+# A tiny DSR-release DiT-DH on 3x4x4 latents (pixel encoder, patch 1, 4 px): trunk 32 x 3 (2 heads), head 48 x 2
+# (2 heads), 4 registers in each bank, trunk registers joining at block 1.
+OVERRIDES = [
+    "encoder=pixel",
+    "encoder.patch_size=1",
+    "data=synthetic",
+    "data.image_size=4",
+    "data.num_classes=5",
+    "backbone=dit_dh_s",
+    "backbone.hidden_size=32",
+    "backbone.depth=3",
+    "backbone.num_heads=2",
+    "backbone.head_hidden_size=48",
+    "backbone.head_depth=2",
+    "backbone.head_num_heads=2",
+    "registers=diffusion",
+    "backbone.num_registers=4",
+    "backbone.register_start=1",
+]
+TINY = dict(
+    input_size=4,
+    patch_size=1,
+    in_channels=3,
+    hidden_size=32,
+    depth=3,
+    num_heads=2,
+    head_hidden_size=48,
+    head_depth=2,
+    head_num_heads=2,
+    num_classes=5,
+    num_registers=4,
+    register_start=1,
+)
+
+# The release's DiTwDDTHead(hidden_size=[32, 48], depth=[3, 2], num_heads=[2, 2], register_conditioning=True,
+# register_len=4), as its state_dict names and shapes things (trunk and head blocks share one `blocks` list; RoPE
+# tables and the frozen sin-cos tables are saved too).
+BLOCK_KEYS = {
+    "norm1.weight": "D",
+    "norm2.weight": "D",
+    "attn.qkv.weight": "3D,D",
+    "attn.qkv.bias": "3D",
+    "attn.proj.weight": "D,D",
+    "attn.proj.bias": "D",
+    "mlp.w12.weight": "2H,D",
+    "mlp.w12.bias": "2H",
+    "mlp.w3.weight": "D,H",
+    "mlp.w3.bias": "D",
+    "adaLN_modulation.1.weight": "6D,D",
+    "adaLN_modulation.1.bias": "6D",
+}
+RELEASE_DDT_KEYS = {
+    "x_embedder.proj.weight": (48, 3, 1, 1),
+    "x_embedder.proj.bias": (48,),
+    "s_embedder.proj.weight": (32, 3, 1, 1),
+    "s_embedder.proj.bias": (32,),
+    "s_projector.weight": (48, 32),
+    "s_projector.bias": (48,),
+    "t_embedder.W": (256,),
+    "t_embedder.mlp.0.weight": (32, 512),
+    "t_embedder.mlp.0.bias": (32,),
+    "t_embedder.mlp.2.weight": (32, 32),
+    "t_embedder.mlp.2.bias": (32,),
+    "y_embedder.embedding_table.weight": (6, 32),
+    "final_layer.norm_final.weight": (48,),
+    "final_layer.linear.weight": (3, 48),
+    "final_layer.linear.bias": (3,),
+    "final_layer.adaLN_modulation.1.weight": (96, 48),
+    "final_layer.adaLN_modulation.1.bias": (96,),
+    "pos_embed": (1, 16, 32),
+    "enc_register_tokens": (1, 4, 32),
+    "enc_register_pos_embed": (1, 4, 32),
+    "dec_register_tokens": (1, 4, 48),
+    "dec_register_pos_embed": (1, 4, 48),
+    "enc_feat_rope.freqs_cos": (16, 16),
+    "enc_feat_rope.freqs_sin": (16, 16),
+    "enc_feat_rope_incontext.freqs_cos": (20, 16),
+    "enc_feat_rope_incontext.freqs_sin": (20, 16),
+    "dec_feat_rope.freqs_cos": (16, 24),
+    "dec_feat_rope.freqs_sin": (16, 24),
+    "dec_feat_rope_incontext.freqs_cos": (20, 24),
+    "dec_feat_rope_incontext.freqs_sin": (20, 24),
+}
+for _i in range(5):
+    _D = 32 if _i < 3 else 48
+    _H = int(8 * _D / 3)
+    for _name, _shape in BLOCK_KEYS.items():
+        _dims = {"D": _D, "3D": 3 * _D, "6D": 6 * _D, "H": _H, "2H": 2 * _H}
+        RELEASE_DDT_KEYS[f"blocks.{_i}.{_name}"] = tuple(_dims[d] for d in _shape.split(","))
+
+
+def tiny_ddt() -> DiTDH:
+    torch.manual_seed(0)
+    return DiTDH(**TINY)
+
+
+def test_release_layout_of_dit_dh_with_registers():
+    release = dsr_to_release(tiny_ddt())
+    assert {k: tuple(v.shape) for k, v in release.items()} == RELEASE_DDT_KEYS
+
+
+def test_release_layout_of_lightningdit_with_registers():
+    torch.manual_seed(0)
+    model = LightningDiT(
+        input_size=4,
+        patch_size=1,
+        in_channels=3,
+        hidden_size=32,
+        depth=3,
+        num_heads=2,
+        num_classes=5,
+        num_registers=4,
+        register_start=1,
+    )
+    release = dsr_to_release(model)
+    fixed = {
+        "pos_embed",
+        "register_pos_embed",
+        "feat_rope.freqs_cos",
+        "feat_rope.freqs_sin",
+        "feat_rope_incontext.freqs_cos",
+        "feat_rope_incontext.freqs_sin",
+    }
+    assert fixed <= set(release)
+    assert release["feat_rope_incontext.freqs_cos"].shape == (20, 16)
+    assert torch.equal(release["register_tokens"], model.registers.tokens)
+    assert torch.equal(release["blocks.2.mlp.w12.weight"], model.blocks[2].mlp.fc1.weight)
+    assert torch.equal(release["blocks.2.mlp.w3.bias"], model.blocks[2].mlp.fc2.bias)
+    assert not any(".fc1." in k or ".fc2." in k or "registers." in k for k in release)
+    assert len(release) == len(model.state_dict()) + len(fixed)
+
+
+def test_round_trip_and_head_blocks_follow_the_trunk():
+    model = tiny_ddt()
+    release = dsr_to_release(model)
+    # The head's first block is the release's block `depth`.
+    assert torch.equal(release["blocks.3.attn.qkv.weight"], model.head_blocks[0].attn.qkv.weight)
+    assert torch.equal(release["dec_register_tokens"], model.head_registers.tokens)
+    back = release_to_dsr(release, model)
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    assert len(release_layout(model)) == len(model.state_dict())
+
+
+def test_strip_prefixes():
+    w = torch.zeros(1)
+    stripped = strip_prefixes({"module._orig_mod.a": w, "_orig_mod.module.b": w, "c": w, "blocks.module.d": w})
+    assert set(stripped) == {"a", "b", "c", "blocks.module.d"}
+    with pytest.raises(ValueError, match="two keys"):
+        strip_prefixes({"module.a": w, "a": w})
+
+
+def test_unknown_missing_and_misshapen_keys_are_listed():
+    model = tiny_ddt()
+    release = dsr_to_release(model)
+    release["blocks.5.attn.qkv.weight"] = torch.zeros(1)  # a third head block: not in this config
+    del release["dec_register_tokens"]
+    release["s_projector.weight"] = torch.zeros(48, 31)
+    with pytest.raises(ValueError) as err:
+        release_to_dsr(release, model)
+    message = str(err.value)
+    assert "blocks.5.attn.qkv.weight" in message and "dec_register_tokens" in message
+    assert "s_projector.weight: shape (48, 31)" in message and "backbone" in message
+
+
+def test_fixed_tables_are_checked():
+    model = tiny_ddt()
+    release = dsr_to_release(model)
+    pos = release["pos_embed"].reshape(4, 4, 32)
+    release["pos_embed"] = pos.transpose(0, 1).reshape(1, 16, 32)  # rows and columns swapped
+    with pytest.raises(ValueError, match="pos_embed: the fixed table differs"):
+        release_to_dsr(release, model)
+    release = dsr_to_release(model)
+    release["dec_feat_rope_incontext.freqs_sin"] = release["dec_feat_rope_incontext.freqs_sin"].roll(4, dims=0)
+    with pytest.raises(ValueError, match="dec_feat_rope_incontext.freqs_sin"):
+        release_to_dsr(release, model)
+
+
+def test_release_weights_selection():
+    a, b = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    model, ema, step = release_weights({"model": {"module.w": a["w"]}, "ema": b, "step": 9})
+    assert (model["w"].item(), ema["w"].item(), step) == (0.0, 1.0, 9)
+    model, ema, _ = release_weights({"model": a, "ema": b}, "ema")
+    assert model["w"].item() == ema["w"].item() == 1.0
+    model, ema, _ = release_weights(a)
+    assert model is ema
+    with pytest.raises(ValueError, match="plain state_dict"):
+        release_weights(a, "model")
+    with pytest.raises(ValueError, match="no 'ema' entry"):
+        release_weights({"model": a}, "ema")
+    with pytest.raises(ValueError, match="not a release stage-2 file"):
+        release_weights({"optimizer": {}})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# end to end: a release training checkpoint with closed-form weights -> dsr checkpoint -> forward
+# --------------------------------------------------------------------------------------------------------------
+
+
+def closed_form(key: str, shape: tuple[int, ...], offset: float) -> torch.Tensor:
+    """Deterministic weights that do not depend on any random generator (so stored outputs stay valid)."""
+    values = torch.sin(0.61 * torch.arange(math.prod(shape), dtype=torch.float64) + offset).reshape(shape)
+    if "norm" in key:
+        return 1 + 0.1 * values
+    if len(shape) >= 2 and "register" not in key and "embedding_table" not in key:
+        return 0.8 * values / math.sqrt(math.prod(shape[1:]))
+    return 0.3 * values
+
+
+def closed_form_release(shift: float = 0.0) -> dict[str, torch.Tensor]:
+    fixed = dsr_to_release(tiny_ddt())  # fixed tables as the release stores them (checked on import)
+    trained = sorted(k for k in RELEASE_DDT_KEYS if "rope" not in k and "pos_embed" not in k)
+    state = {k: fixed[k] for k in RELEASE_DDT_KEYS if k not in trained}
+    for i, key in enumerate(trained):
+        state[key] = closed_form(key, RELEASE_DDT_KEYS[key], 0.1 * i + shift).float()
+    return state
+
+
+def closed_form_inputs():
+    x = torch.sin(0.37 * torch.arange(2 * 3 * 4 * 4, dtype=torch.float64) + 0.5).reshape(2, 3, 4, 4)
+    return x, torch.tensor([0.3, 0.85], dtype=torch.float64), torch.tensor([2, 5])
+
+
+# Computed once with the float64 re-implementation of tests/test_ddt.py (`reference_forward`, float64 fixed tables)
+# on the float32 weights of `closed_form_release()` and `closed_form_inputs()`: out[0, :, 0, 0], out[1, :, 3, 2].
+STORED = {
+    "model": [-0.9109915, 0.3854313, 1.0384766, -1.4120391, 1.1116455, 0.7617112],
+    "ema": [-1.0001353, 0.3589456, 1.1856814, -1.541846, 1.0878853, 0.9466599],
+}
+
+
+def picked(out: torch.Tensor) -> torch.Tensor:
+    return torch.cat([out[0, :, 0, 0], out[1, :, 3, 2]])
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, DiTModule]:
+    folder = tmp_path_factory.mktemp("release")
+    src = folder / "ep-0000010.pt"
+    checkpoint = {
+        "model": {f"module.{k}": v for k, v in closed_form_release().items()},
+        "ema": {f"_orig_mod.{k}": v for k, v in closed_form_release(shift=0.05).items()},
+        "step": 12510,
+        "epoch": 10,
+        "optimizer": {"state": {}, "param_groups": []},
+    }
+    torch.save(checkpoint, src)
+    out = folder / "run" / "checkpoints" / "last.ckpt"
+    assert main(["stage2", str(src), str(out), *OVERRIDES]) == out
+    return out, DiTModule.from_checkpoint(out)
+
+
+def test_converted_checkpoint_holds_both_weight_sets_and_the_config(converted):
+    path, module = converted
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint["state_dict"]
+    assert {k.split(".")[0] for k in state} <= {"backbone", "ema", "encoder"}
+    assert state["ema.n_averaged"].item() == 12510 and checkpoint["global_step"] == 12510
+    assert checkpoint["dsr"]["config"]["module"]["backbone"]["_target_"] == "dsr.models.ddt.DiTDH"
+    assert checkpoint["dsr"]["config"]["module"]["backbone"]["num_registers"] == 4
+    assert checkpoint["dsr"]["latent_shape"] == [3, 4, 4]
+    model, ema = closed_form_release(), closed_form_release(shift=0.05)
+    assert torch.equal(module.backbone.head_blocks[1].mlp.fc1.weight, model["blocks.4.mlp.w12.weight"])
+    assert torch.equal(module.ema.module.registers.tokens, ema["enc_register_tokens"])
+    assert torch.equal(module.backbone.t_embedder.W, model["t_embedder.W"])
+
+
+@pytest.mark.parametrize("which", ["model", "ema"])
+def test_converted_forward_matches_stored_reference_values(converted, which):
+    _, module = converted
+    net = module.backbone if which == "model" else module.ema.module
+    x, t, y = closed_form_inputs()
+    with torch.no_grad():
+        out = net(x.float(), t.float(), y)
+    stored = torch.tensor(STORED[which])
+    assert stored.abs().max() > 1e-2
+    torch.testing.assert_close(picked(out).double(), stored.double(), rtol=2e-5, atol=2e-5)
+
+
+def test_release_config_is_checked(tmp_path):
+    src = tmp_path / "stage2_model.pt"
+    torch.save(closed_form_release(), src)
+    params = dict(
+        input_size=4,
+        patch_size=1,
+        in_channels=3,
+        hidden_size=[32, 48],
+        depth=[3, 2],
+        num_heads=[2, 2],
+        mlp_ratio=4.0,
+        num_classes=5,
+        wo_shift=False,
+        register_conditioning=True,
+        register_len=4,
+    )
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(
+        {"stage_2": {"target": "stage2.models.DDT.DiTwDDTHead", "params": {**params, "register_start": 1}}}, good
+    )
+    OmegaConf.save(
+        {"stage_2": {"target": "stage2.models.DDT.DiTwDDTHead", "params": {**params, "register_start": 8}}}, bad
+    )
+    main(["stage2", str(src), str(tmp_path / "ok.ckpt"), "--release-config", str(good), *OVERRIDES])
+    with pytest.raises(ValueError, match=r"register_start: release 8, config 1 \(set backbone.register_start\)"):
+        main(["stage2", str(src), str(tmp_path / "no.ckpt"), "--release-config", str(bad), *OVERRIDES])
+
+
+def test_wrong_model_config_is_an_error_naming_the_settings(tmp_path):
+    src = tmp_path / "stage2_model.pt"
+    torch.save(closed_form_release(), src)
+    with pytest.raises(ValueError, match="registers="):
+        main(["stage2", str(src), str(tmp_path / "x.ckpt"), *OVERRIDES, "backbone.num_registers=0"])
+
+
+def test_stats_conversion(tmp_path):
+    from dsr.encoders.rae import load_stats
+
+    g = torch.Generator().manual_seed(0)
+    mean, var = torch.randn(6, 2, 3, generator=g, dtype=torch.float64), torch.rand(6, 2, 3, generator=g) + 0.1
+    src = tmp_path / "stat.pt"
+    torch.save({"mean": mean, "var": var}, src)
+    out = convert_stats(src, tmp_path / "artifacts" / "stats.pt")
+    stats = load_stats(out, (6, 2, 3))
+    assert stats["mean"].dtype == torch.float32 and torch.equal(stats["mean"], mean.float())
+    assert torch.equal(stats["var"], var) and stats["count"] is None and stats["source"] == str(src.resolve())
+    torch.save({"mean": mean, "var": var, "momentum": 0.1}, src)
+    with pytest.raises(ValueError, match="unexpected \\['momentum'\\]"):
+        convert_stats(src, tmp_path / "x.pt")
+
+
+def test_help_explains_each_kind(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert all(kind in text for kind in ("stage2", "stats", "decoder"))
+    with pytest.raises(SystemExit):
+        main(["stage2", "--help"])
+    assert "--weights" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stage-1 decoder: RAE's ViTMAE-style keys -> ViTDecoder
+# --------------------------------------------------------------------------------------------------------------
+
+
+def tiny_decoder():
+    from dsr.models.decoder import ViTDecoder
+
+    torch.manual_seed(0)  # conf/decoder/tiny.yaml's sizes, on 16-channel 4x4 latents
+    return ViTDecoder(in_channels=16, grid_size=4, patch_size=4, hidden_size=64, depth=2, num_heads=2, mlp_dim=128)
+
+
+def release_decoder_state(decoder) -> dict[str, torch.Tensor]:
+    """The decoder's weights under RAE's GeneralDecoder names (query / key / value are thirds of qkv, in order)."""
+    from dsr.models.decoder import reference_key_map
+
+    ours = decoder.state_dict()
+    state = {}
+    for ref, key in reference_key_map(decoder.depth).items():
+        value = ours[key]
+        for index, part in enumerate(("query", "key", "value")):
+            if f".attention.attention.{part}." in ref:
+                value = value.chunk(3)[index]
+        state[ref] = value.clone().reshape(1, 1, -1) if ref == "trainable_cls_token" else value.clone()
+    return state
+
+
+def mae_table(dim: int, grid: int) -> torch.Tensor:
+    """RAE's fixed `decoder_pos_embed` [1, 1 + grid^2, dim]: a zero CLS row, then per row-major token the column's
+    sin / cos codes in the first half of the channels and the row's in the second."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.arange(float(grid)).repeat_interleave(grid), torch.arange(float(grid)).repeat(grid)
+    table = torch.cat(
+        [
+            (cols[:, None] * omega).sin(),
+            (cols[:, None] * omega).cos(),
+            (rows[:, None] * omega).sin(),
+            (rows[:, None] * omega).cos(),
+        ],
+        dim=1,
+    )
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()[None]
+
+
+DECODER_OVERRIDES = ["encoder=tiny", "decoder=tiny"]
+
+
+def test_decoder_conversion_plain_and_training_checkpoint(tmp_path, monkeypatch):
+    from dsr.models.decoder import ViTDecoder
+
+    monkeypatch.setenv("DSR_ARTIFACTS", str(tmp_path / "artifacts"))
+    decoder = tiny_decoder()
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # distinct values everywhere (the CLS token starts at zero)
+    release = release_decoder_state(decoder) | {"decoder_pos_embed": mae_table(64, 4)}
+    assert release["decoder_layers.1.attention.attention.key.weight"].shape == (64, 64)
+    plain, stage1 = tmp_path / "model.pt", tmp_path / "ep-0000016.pt"
+    torch.save(release, plain)
+    rae = {f"module.decoder.{k}": v for k, v in release.items()} | {"module.encoder.encoder.layer.0.w": torch.ones(2)}
+    torch.save({"ema": rae, "model": {}, "step": 5}, stage1)
+
+    # Without --out the file lands where encoder.decoder_weights looks (paths.decoder_weights, under $DSR_ARTIFACTS).
+    out = main(["decoder", str(plain), *DECODER_OVERRIDES])
+    assert out == Path(str(compose_run_config(DECODER_OVERRIDES, ".").paths.decoder_weights))
+    assert out.is_relative_to(tmp_path / "artifacts") and out.name == "decoder-tiny.pt"
+    out_ckpt = main(["decoder", str(stage1), "--out", str(tmp_path / "from_ckpt.pt"), *DECODER_OVERRIDES])
+    for path in (out, out_ckpt):
+        state = torch.load(path, weights_only=True)
+        assert state.keys() == decoder.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in decoder.state_dict().items())
+        fresh = ViTDecoder(in_channels=16, grid_size=4, patch_size=4, hidden_size=64, depth=2, num_heads=2, mlp_dim=128)
+        fresh.load_state_dict(state)
+        z = torch.randn(2, 16, 4, 4)
+        torch.testing.assert_close(fresh(z), decoder(z), rtol=0, atol=0)
+    # qkv is [query; key; value] along the output dimension
+    q = release["decoder_layers.0.attention.attention.query.weight"]
+    assert torch.equal(torch.load(out, weights_only=True)["blocks.0.attn.qkv.weight"][:64], q)
+
+
+def test_decoder_conversion_errors(tmp_path):
+    release = release_decoder_state(tiny_decoder()) | {"decoder_pos_embed": mae_table(64, 4)}
+    src = tmp_path / "model.pt"
+    broken = dict(release)
+    del broken["decoder_layers.1.output.dense.bias"]
+    broken["decoder_layers.1.extra.weight"] = torch.zeros(1)
+    torch.save(broken, src)
+    with pytest.raises(ValueError, match=r"decoder_layers\.1\.extra\.weight.*decoder_layers\.1\.output\.dense\.bias"):
+        main(["decoder", str(src), "--out", str(tmp_path / "x.pt"), *DECODER_OVERRIDES])
+    torch.save(release, src)
+    with pytest.raises(ValueError, match="decoder.depth"):
+        main(["decoder", str(src), "--out", str(tmp_path / "x.pt"), *DECODER_OVERRIDES, "decoder.depth=3"])
+    with pytest.raises(ValueError, match="decoder.hidden_size"):
+        main(["decoder", str(src), "--out", str(tmp_path / "x.pt"), *DECODER_OVERRIDES, "decoder.hidden_size=32"])
+    with pytest.raises(ValueError, match="decoder_pred.weight"):
+        main(["decoder", str(src), "--out", str(tmp_path / "x.pt"), *DECODER_OVERRIDES, "decoder.patch_size=2"])
+    torch.save({"ema": {"decoder.decoder_embed.weight": torch.zeros(64, 16), "disc.w": torch.zeros(1)}}, src)
+    with pytest.raises(ValueError, match="disc.w"):
+        main(["decoder", str(src), "--out", str(tmp_path / "x.pt"), *DECODER_OVERRIDES])
+
+
+def test_full_import_order_stats_decoder_then_stage2(tmp_path, monkeypatch):
+    """The documented order on the tiny SigLIP codec: statistics and decoder land where the encoder config looks for
+    them; the stage-2 checkpoint then carries the statistics (buffers) but not the frozen encoder or decoder."""
+    monkeypatch.setenv("DSR_ARTIFACTS", str(tmp_path / "artifacts"))
+    g = torch.Generator().manual_seed(0)
+    mean, var = torch.randn(64, 8, 8, generator=g), torch.rand(64, 8, 8, generator=g) + 0.5
+    torch.save({"mean": mean, "var": var}, tmp_path / "stat.pt")
+    from dsr.models.decoder import ViTDecoder
+
+    torch.manual_seed(0)
+    decoder = ViTDecoder(in_channels=64, grid_size=8, patch_size=4, hidden_size=64, depth=2, num_heads=2, mlp_dim=128)
+    torch.save(release_decoder_state(decoder), tmp_path / "decoder.pt")  # no position table: the grid is given
+    codec = ["encoder=tiny", "decoder=tiny", "data=synthetic", "data.image_size=32", "data.num_classes=5"]
+    main(["stats", str(tmp_path / "stat.pt"), *codec])
+    main(["decoder", str(tmp_path / "decoder.pt"), "--grid-size", "8", *codec])
+
+    backbone = [
+        "backbone=dit_dh_s",
+        "registers=none",
+        "backbone.hidden_size=32",
+        "backbone.depth=2",
+        "backbone.num_heads=2",
+        "backbone.head_hidden_size=32",
+        "backbone.head_depth=1",
+        "backbone.head_num_heads=2",
+    ]
+    torch.manual_seed(1)
+    ours = DiTDH(
+        input_size=8,
+        in_channels=64,
+        num_classes=5,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        head_hidden_size=32,
+        head_depth=1,
+        head_num_heads=2,
+    )
+    torch.save(dsr_to_release(ours), tmp_path / "stage2_model.pt")
+    out = main(["stage2", str(tmp_path / "stage2_model.pt"), str(tmp_path / "run" / "last.ckpt"), *codec, *backbone])
+
+    state = torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(state["encoder.latent_mean"], mean) and torch.equal(state["encoder.latent_var"], var)
+    assert not any(k.startswith(("encoder.model.", "encoder.decoder.")) for k in state)  # frozen: reloaded from files
+    module = DiTModule.from_checkpoint(out)
+    assert torch.equal(module.encoder.latent_mean, mean)
+    assert torch.equal(module.encoder.decoder.blocks[1].mlp.fc2.weight, decoder.blocks[1].mlp.fc2.weight)
+    assert all(torch.equal(v, module.ema.module.state_dict()[k]) for k, v in ours.state_dict().items())

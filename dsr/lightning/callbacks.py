@@ -207,3 +207,135 @@ class FIDEvaluation(EveryNSteps):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         first = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 255
         save_image(make_grid(first, nrow=8, padding=1, pad_value=1.0), self.dirpath / f"fid_step_{step:07d}.png")
+
+
+class OutlierMonitor(EveryNSteps):
+    """Every `every_n_steps` optimizer steps: outlier statistics of the backbone's blocks on a fixed batch.
+
+    The batch is the first `num_samples` items of the training set (or, for a dataset without random access, of
+    the first training batch), encoded once and kept; it is noised once with seeded noise at the fixed time `t`
+    (t = 0 data, t = 1 noise) and run through the training weights (`use_ema=False`) or the EMA copy in eval
+    mode, without gradients; the previous train/eval mode is restored. Per block l (patch tokens only: diffusion
+    registers excluded) it logs to every logger `outliers/layer_{l:02d}/max_median` (the per-image max/median
+    patch-norm ratio, mean over the batch), `outliers/layer_{l:02d}/top1_norm` (the largest patch-token norm in
+    the batch) and `outliers/layer_{l:02d}/median_norm`, plus `outliers/max_median_peak` (the largest ratio over
+    blocks). With `dirpath` (or a W&B logger) it draws the max/median-per-block plot, saved as
+    `<dirpath>/step_XXXXXXX.png` and logged to W&B as `outliers/max_median`. Rank zero only; `every_n_steps: 0`
+    turns it off, and so does a module without a diffusion transformer (stage=decoder).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        num_samples: int = 8,
+        t: float = 0.5,
+        seed: int = 0,
+        use_ema: bool = False,
+        dirpath: str | None = None,
+    ) -> None:
+        super().__init__(every_n_steps)
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"callbacks.outlier_monitor.t={t} must lie in [0, 1]")
+        self.num_samples = num_samples
+        self.t = t
+        self.seed = seed
+        self.use_ema = use_ema
+        self.dirpath = Path(dirpath) if dirpath else None
+        self.last_metrics: dict[str, float] = {}
+        self._first_batch = None
+        self._fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # z, y, noise (CPU)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.every_n_steps and getattr(getattr(pl_module, "backbone", None), "blocks", None) is None:
+            self.every_n_steps = 0  # nothing to monitor, e.g. the stage-1 decoder
+
+    @staticmethod
+    def _training_set(trainer: L.Trainer):
+        """The datamodule's dataset when it allows random access (map-style), else None."""
+        from torch.utils.data import IterableDataset
+
+        dataset = getattr(trainer.datamodule, "dataset", None) if trainer.datamodule is not None else None
+        if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            return None
+        return dataset
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and self._fixed is None and self._first_batch is None and trainer.is_global_zero:
+            if self._training_set(trainer) is None:  # a stream: keep the first rows of the first batch
+                rows = [(k, v) for k, v in batch.items()] if isinstance(batch, dict) else list(enumerate(batch))
+                kept = {k: v[: self.num_samples].detach().clone().cpu() for k, v in rows}
+                self._first_batch = kept if isinstance(batch, dict) else list(kept.values())
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def fixed_batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[torch.Tensor, ...]:
+        """(normalised latents z [n, C, h, w], labels y [n], noise [n, C, h, w]), computed once."""
+        if self._fixed is None:
+            from torch.utils.data import default_collate
+
+            dataset = self._training_set(trainer)
+            if dataset is not None:
+                batch = default_collate([dataset[i] for i in range(min(self.num_samples, len(dataset)))])
+            else:
+                batch = self._first_batch
+            if isinstance(batch, dict):
+                batch = {k: v.to(pl_module.device) for k, v in batch.items()}
+            else:
+                batch = [b.to(pl_module.device) for b in batch]
+            with torch.no_grad():
+                z, y = pl_module.latents(batch)
+            generator = torch.Generator().manual_seed(self.seed)
+            noise = torch.randn(z.shape, generator=generator)  # on the CPU: the same on every device
+            self._fixed = (z.float().cpu(), y.cpu(), noise)
+            self._first_batch = None
+        return self._fixed
+
+    @torch.no_grad()
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict]:
+        """Per-block `layer_statistics` records on the fixed batch (diffusion registers excluded)."""
+        from dsr.analyze import capture_block_outputs
+        from dsr.registers.outliers import layer_statistics
+
+        z, y, noise = (v.to(pl_module.device) for v in self.fixed_batch(trainer, pl_module))
+        backbone = pl_module.ema.module if self.use_ema else pl_module.backbone
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            t = torch.full((len(z),), self.t, device=z.device)
+            x_t = (1.0 - self.t) * z + self.t * noise
+            hidden, registers = capture_block_outputs(backbone, x_t, t, y)
+        finally:
+            backbone.train(was_training)
+        records = []
+        for layer, (h, r) in enumerate(zip(hidden, registers, strict=True)):
+            (record,) = layer_statistics([h], num_prefix_tokens=r, top_k=1)
+            record["layer"] = layer
+            records.append(record)
+        return records
+
+    @rank_zero_only
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        records = self.measure(trainer, pl_module)
+        metrics = {}
+        for r in records:
+            prefix = f"outliers/layer_{r['layer']:02d}"
+            metrics[f"{prefix}/max_median"] = r["max_median_ratio"]
+            metrics[f"{prefix}/top1_norm"] = r["norm_max"]
+            metrics[f"{prefix}/median_norm"] = r["norm_median"]
+        metrics["outliers/max_median_peak"] = max(r["max_median_ratio"] for r in records)
+        self.last_metrics = metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if self.dirpath is None and not wandb_loggers:
+            return
+        import tempfile
+
+        from dsr.analyze import plot_max_median_ratio
+
+        label = f"step {step}, t={self.t:g}"
+        ratios = {label: [r["max_median_ratio"] for r in records]}
+        with tempfile.TemporaryDirectory() as scratch:
+            path = (self.dirpath or Path(scratch)) / f"step_{step:07d}.png"
+            plot_max_median_ratio(ratios, path, title="DiT block outputs")
+            for logger in wandb_loggers:
+                logger.log_image("outliers/max_median", images=[str(path)], step=step, caption=[label])

@@ -36,8 +36,6 @@ from typing import Any
 import hydra
 import torch
 import torch.nn.functional as F
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -56,6 +54,7 @@ from dsr.registers.ttr import (
     discover_recursive,
     discover_register_neurons,
 )
+from dsr.train import build
 
 log = logging.getLogger("dsr.analyze")
 
@@ -700,16 +699,6 @@ def _summary(records: Sequence[Mapping[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _build(node: DictConfig) -> Any:
-    """`instantiate`, with configuration errors (missing file, bad value) surfacing as themselves."""
-    try:
-        return instantiate(node)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, (OSError, ValueError)):
-            raise err.__cause__ from None
-        raise
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -720,7 +709,7 @@ def _loader(data: DictConfig, num_images: int | None, batch_size: int, num_worke
     """A seeded subset of `num_images` of the dataset (all with None), random flips off, in a fixed order."""
     from dsr.stats import subset_indices, without_flip
 
-    dataset = _build(without_flip(data.dataset))
+    dataset = build(without_flip(data.dataset))
     indices = subset_indices(len(dataset), num_images, seed)
     return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
@@ -741,7 +730,7 @@ def build_encoder(node: DictConfig) -> nn.Module:
     for key in ("stats", "decoder", "decoder_weights"):
         if key in node:
             node[key] = None
-    return _build(node).eval()
+    return build(node).eval()
 
 
 def analyze_encoder(cfg: DictConfig) -> Path:

@@ -47,6 +47,16 @@ def compose_train(overrides: list[str], run_dir: Path) -> DictConfig:
     return cfg
 
 
+def compose_script(config_name: str, overrides: list[str]) -> DictConfig:
+    """The config of another entry point (`stats`, `cache_latents`, `analyze`) with Hydra's runtime set, as its
+    `@hydra.main` would see it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 @pytest.fixture
 def run_train(tmp_path):
     """Run the real training function on composed overrides; returns (metrics, run_dir)."""

@@ -20,10 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONF_DIR, TINY_RUN, compose_train
-from hydra import compose, initialize_config_dir
+from conftest import TINY_RUN, compose_script, compose_train
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from test_ttr import A, B, build, planted_images
 from torch import Tensor
@@ -60,14 +58,6 @@ class PlantedImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         return self.images[i], i % self.num_classes
-
-
-def compose_script(config_name: str, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import compose_script, compose_train
 from hydra.utils import instantiate
-from test_stats import compose_script
 
 from dsr.lightning.dit_module import DiTModule
 

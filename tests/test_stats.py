@@ -8,10 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
+from conftest import compose_script
 from hydra.utils import instantiate
 
 from dsr.data.latents import CachedLatents, FlipSampler
@@ -19,14 +16,6 @@ from dsr.stats import Moments, subset_indices
 
 TINY_DATA = ["encoder=tiny", "decoder=tiny", "data=synthetic", "data.dataset.num_samples=40", "accelerator=cpu",
              "devices=1"]  # fmt: skip
-
-
-def compose_script(config_name: str, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def all_latents(cfg) -> tuple[torch.Tensor, torch.Tensor]:

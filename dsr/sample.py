@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dsr.train import resolved_config
 from dsr.utils.fabric import launch_fabric
 from dsr.utils.files import atomic_write
 
@@ -262,15 +263,6 @@ def validate(cfg: DictConfig) -> Path:
     return ckpt.resolve()
 
 
-def _plain(cfg: DictConfig) -> dict:
-    """The config as resolved plain data, without Hydra's own node (present when composed by tests)."""
-    return {
-        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-        for k, v in cfg.items()
-        if k != "hydra"
-    }
-
-
 def check_fingerprint(out_dir: Path, fingerprint: dict, write: bool) -> None:
     """Refuse to mix shards made with other settings into `out_dir`; write the fingerprint if asked and absent."""
     path = out_dir / "shards" / FINGERPRINT
@@ -372,7 +364,7 @@ def run(cfg: DictConfig) -> Path:
         if cfg.save_png:
             write_pngs(out_dir, cfg.num_samples, cfg.shard_size)
         resolved = {
-            **_plain(cfg),
+            **resolved_config(cfg),
             "ckpt": str(ckpt),
             "out_dir": str(out_dir),
             "num_classes": num_classes,

@@ -128,17 +128,7 @@ def test_release_layout_of_dit_dh_with_registers():
 
 def test_release_layout_of_lightningdit_with_registers():
     torch.manual_seed(0)
-    model = LightningDiT(
-        input_size=4,
-        patch_size=1,
-        in_channels=3,
-        hidden_size=32,
-        depth=3,
-        num_heads=2,
-        num_classes=5,
-        num_registers=4,
-        register_start=1,
-    )
+    model = LightningDiT(**{k: v for k, v in TINY.items() if not k.startswith("head_")})
     release = dsr_to_release(model)
     fixed = {
         "pos_embed",

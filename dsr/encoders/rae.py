@@ -15,7 +15,6 @@ from their own files and kept out of checkpoints; the statistics travel in them 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -238,12 +237,17 @@ class RepresentationAutoencoder(nn.Module):
             )
         return tokens.float().transpose(1, 2).reshape(len(tokens), channels, height, width)
 
-    def augment(self, z: Tensor) -> Tensor:
-        """Noise augmentation of raw latents for decoder training: z + sigma * eps, sigma ~ U(0, tau) per sample."""
+    def augment(self, z: Tensor, level: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        """Noise augmentation of raw latents [B, C, h, w] for decoder training: z + tau * u * eps with u ~ U(0, 1)
+        per sample [B] and eps ~ N(0, I) like z; pass `level` (u) and `noise` (eps) to use draws made elsewhere."""
         if not self.training or self.noise_tau <= 0:
             return z
-        sigma = self.noise_tau * torch.rand((len(z),) + (1,) * (z.ndim - 1), device=z.device, dtype=z.dtype)
-        return z + sigma * torch.randn_like(z)
+        if level is None:
+            level = torch.rand(len(z), device=z.device)
+        if noise is None:
+            noise = torch.randn_like(z)
+        sigma = self.noise_tau * level.to(z.dtype).view(-1, *(1,) * (z.ndim - 1))
+        return z + sigma * noise.to(z.dtype)
 
     def normalize(self, z: Tensor) -> Tensor:
         return (z - self.latent_mean) / torch.sqrt(self.latent_var + self.eps)
@@ -275,10 +279,3 @@ def seeded_init(build: Callable[[], nn.Module], seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
-
-
-def grid_of(num_tokens: int) -> int:
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(f"{num_tokens} patch tokens do not form a square grid")
-    return side

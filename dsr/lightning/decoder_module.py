@@ -245,9 +245,7 @@ class DecoderModule(L.LightningModule):
     ) -> dict[str, Tensor]:
         """The decoder's objective on images [b, 3, H, W] in [0, 1], from their raw latents z = codec.tokens(images)
         [b, C, h, w]: a dict with `loss` (to minimise) and its terms."""
-        if self.codec.noise_tau > 0:  # the codec's noise augmentation, with this step's draws
-            sigma = self.codec.noise_tau * draws.noise_level.view(-1, 1, 1, 1)
-            z = z + sigma * draws.noise.to(z.dtype)
+        z = self.codec.augment(z, draws.noise_level, draws.noise)  # with this step's draws
         recon = self.codec.decode_raw(z)
         l1 = (recon - images).abs().mean()
         perceptual = self.lpips(recon, images) if lpips else torch.zeros_like(l1)

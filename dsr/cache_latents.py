@@ -28,12 +28,11 @@ from dsr.data.latents import MANIFEST, labels_path, latents_path
 from dsr.sample import shard_ranges
 from dsr.stats import views_of, without_flip
 from dsr.utils.fabric import launch_fabric
-from dsr.utils.files import atomic_write
+from dsr.utils.files import atomic_write, guard_settings
 
 log = logging.getLogger("dsr.cache_latents")
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
-SETTINGS = "settings.json"  # written first: a later run with other settings must not mix its shards in
 
 
 def encode_shard(codec, dataset, start: int, stop: int, views: str, batch_size: int, num_workers: int, device):
@@ -46,20 +45,6 @@ def encode_shard(codec, dataset, start: int, stop: int, views: str, batch_size: 
         latents.append(z.reshape(num_views, len(images), *z.shape[1:]).transpose(0, 1))
         labels.append(torch.as_tensor(y))
     return torch.cat(latents).numpy(), torch.cat(labels).numpy().astype(np.int64)
-
-
-def check_settings(out_dir: Path, settings: dict) -> None:
-    path = out_dir / SETTINGS
-    if path.is_file():
-        existing = json.loads(path.read_text())
-        if existing != settings:
-            changed = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
-            raise ValueError(
-                f"cache.output={out_dir} holds latents cached with other settings (differ in: {', '.join(changed)}); "
-                "use another cache.output or delete it"
-            )
-    else:
-        atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
 
 
 def run(cfg: DictConfig) -> Path:
@@ -81,7 +66,7 @@ def run(cfg: DictConfig) -> Path:
     }
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        check_settings(out_dir, settings)
+        guard_settings(out_dir, settings, "cache.output")
     fabric.barrier()
 
     ranges = shard_ranges(num_samples, cfg.cache.shard_size)

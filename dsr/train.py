@@ -8,6 +8,7 @@ and gradient accumulation from the global batch and the device count, resumes fr
 from __future__ import annotations
 
 import logging
+import uuid
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsr.lightning.checkpoint_io import AtomicCheckpointIO
 from dsr.models.profile import register_overhead
+from dsr.utils.files import atomic_write
 
 log = logging.getLogger("dsr.train")
 
@@ -32,9 +34,13 @@ warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the s
 
 
 def resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
-    """`<run_dir>/checkpoints/last.ckpt` if resuming and it exists."""
+    """`<run_dir>/checkpoints/last.ckpt` (a file, or a directory when sharded) if resuming and it exists; a sharded
+    checkpoint caught between its two renames is still found under its `.previous` name."""
+    if not resume:
+        return None
     last = run_dir / "checkpoints" / "last.ckpt"
-    return last if resume and last.is_file() else None
+    previous = last.with_name(f"{last.name}.previous")
+    return last if last.exists() else previous if previous.exists() else None
 
 
 def initialize_from(module: L.LightningModule, path: str | Path) -> None:
@@ -77,9 +83,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if hasattr(datamodule.dataset, "check_encoder"):  # cached latents: made by this encoder?
         datamodule.dataset.check_encoder(OmegaConf.to_container(cfg.encoder, resolve=True), module.latent_shape)
     module.run_config = resolved_config(cfg)
+    if cfg.get("compile"):
+        if not hasattr(module, "backbone"):
+            raise ValueError("compile=true compiles the diffusion backbone; this stage has none (set compile=false)")
+        # In place: parameter names, the EMA copy and sampling stay as they are. `compile={mode: ...}` passes options.
+        options = OmegaConf.to_container(cfg.compile) if OmegaConf.is_config(cfg.compile) else {}
+        module.backbone.compile(**options)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else []
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    loggers = [build_logger(c, run_dir) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else []
+    plugins = [AtomicCheckpointIO()]
+    if cfg.get("cluster_environment"):
+        plugins.append(instantiate(cfg.cluster_environment))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins, strategy=strategy_for(cfg, module)
+    )
 
     plan = datamodule.configure_batches(trainer.world_size)
     if module.automatic_optimization:
@@ -116,12 +133,54 @@ def train(cfg: DictConfig) -> dict[str, float]:
     elif cfg.get("init_from"):
         initialize_from(module, cfg.init_from)
         log.info("weights (and EMA) initialised from %s", cfg.init_from)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(trainer)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         report_outputs(run_dir, trainer)
     return metrics
+
+
+def build_logger(node: DictConfig, run_dir: Path) -> L.pytorch.loggers.Logger:
+    """Instantiate a logger; a W&B logger gets the run directory's own run id, so a resumed or requeued run
+    continues the same W&B run (its curves and media) instead of starting a new one."""
+    if node.get("_target_", "").endswith("WandbLogger") and node.get("id") is None:
+        return instantiate(node, id=wandb_run_id(run_dir), resume="allow")
+    return instantiate(node)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The id stored in `<run_dir>/wandb_run_id`, created by global rank 0 on first use (only rank 0 logs)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    path = run_dir / "wandb_run_id"
+    if not path.is_file() and rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(uuid.uuid4().hex[:12].encode()))
+    return path.read_text().strip() if path.is_file() else uuid.uuid4().hex[:12]
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """Close the W&B run, so the next job of a multirun in this process starts its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if trainer.is_global_zero and any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def strategy_for(cfg: DictConfig, module: L.LightningModule):
+    """`trainer.strategy`, with `fsdp` built for this module (its wrap policy, sharded checkpoints)."""
+    strategy = cfg.trainer.get("strategy", "auto")
+    if strategy == "fsdp":
+        from dsr.lightning.sharding import fsdp_strategy
+
+        return fsdp_strategy(module)
+    return strategy
 
 
 def report_outputs(run_dir: Path, trainer: L.Trainer) -> None:

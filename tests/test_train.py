@@ -56,19 +56,19 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(run_train):
         "callbacks.checkpoint.every_n_train_steps=2",
         "callbacks.sample_grid.every_n_steps=0",
     ]
-    # 128 samples / 16 per batch = 8 steps an epoch: stop mid-epoch (the last checkpoint is step 4, written
-    # again at the end), then resume with the same command across the epoch boundary to step 12.
-    _, straight_dir = run_train([*common, "trainer.max_steps=12"], name="straight")
-    _, resumed_dir = run_train([*common, "trainer.max_steps=5"], name="interrupted")
-    assert last_checkpoint(resumed_dir)["global_step"] == 5
-    run_train([*common, "trainer.max_steps=12"], name="interrupted")
+    # 128 samples / 16 per batch = 8 steps an epoch: stop mid-way through the second epoch (the last checkpoint
+    # is step 10, written again at 11), then resume with the same command across the next epoch boundary to 20.
+    _, straight_dir = run_train([*common, "trainer.max_steps=20"], name="straight")
+    _, resumed_dir = run_train([*common, "trainer.max_steps=11"], name="interrupted")
+    assert last_checkpoint(resumed_dir)["global_step"] == 11
+    run_train([*common, "trainer.max_steps=20"], name="interrupted")
     straight, resumed = last_checkpoint(straight_dir), last_checkpoint(resumed_dir)
-    assert straight["global_step"] == resumed["global_step"] == 12
+    assert straight["global_step"] == resumed["global_step"] == 20
     assert straight["state_dict"].keys() == resumed["state_dict"].keys()
     assert any(k.startswith("ema.") for k in straight["state_dict"])
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
-    assert straight["lr_schedulers"][0]["last_epoch"] == resumed["lr_schedulers"][0]["last_epoch"] == 12
+    assert straight["lr_schedulers"][0]["last_epoch"] == resumed["lr_schedulers"][0]["last_epoch"] == 20
 
 
 def test_gradient_accumulation_equals_the_large_batch(run_train):

@@ -100,6 +100,9 @@ class ImageDataModule(L.LightningDataModule):
         sampler = sampler_class(
             self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=True
         )
+        # A resumed run restores the loader's position before Lightning sets the sampler's epoch for the epoch
+        # underway: without this, a run resumed in epoch e >= 1 would replay epoch 0's order from that position.
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer else 0)
         return StatefulDataLoader(
             self.dataset,
             batch_size=self.plan.micro_batch_size,

@@ -11,8 +11,13 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy
 from torchvision.utils import make_grid, save_image
+
+
+def sharded(trainer: L.Trainer) -> bool:
+    """Whether the weights are sharded over ranks (FSDP): then a forward pass needs every rank."""
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -74,16 +79,20 @@ class SampleGrid(EveryNSteps):
         images = pl_module.sample(y, generator=generator)
         return make_grid(images.float().cpu(), nrow=self.per_class, padding=1, pad_value=1.0)
 
-    @rank_zero_only
-    def save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
-        grid = self.grid(pl_module)
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path | None:
+        if not (trainer.is_global_zero or sharded(trainer)):
+            return None
+        grid = self.grid(pl_module)  # with sharded weights every rank takes part in the forward passes
+        if not trainer.is_global_zero:
+            return None
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"{name}.png"
         save_image(grid, path)
         self.last_path = path
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("samples/grid", images=[grid], step=trainer.global_step, caption=[name])
+                # The saved file, not the float tensor: W&B would read [0, 1] floats as 0..255 values (a black grid).
+                logger.log_image("samples/grid", images=[str(path)], step=trainer.global_step, caption=[name])
         return path
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
@@ -260,7 +269,8 @@ class OutlierMonitor(EveryNSteps):
         return dataset
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and self._fixed is None and self._first_batch is None and trainer.is_global_zero:
+        keeps = trainer.is_global_zero or sharded(trainer)  # the ranks that will measure
+        if self.every_n_steps and self._fixed is None and self._first_batch is None and keeps:
             if self._training_set(trainer) is None:  # a stream: keep the first rows of the first batch
                 rows = [(k, v) for k, v in batch.items()] if isinstance(batch, dict) else list(enumerate(batch))
                 kept = {k: v[: self.num_samples].detach().clone().cpu() for k, v in rows}
@@ -312,9 +322,12 @@ class OutlierMonitor(EveryNSteps):
             records.append(record)
         return records
 
-    @rank_zero_only
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        records = self.measure(trainer, pl_module)
+        if not (trainer.is_global_zero or sharded(trainer)):
+            return
+        records = self.measure(trainer, pl_module)  # with sharded weights every rank takes part
+        if not trainer.is_global_zero:
+            return
         metrics = {}
         for r in records:
             prefix = f"outliers/layer_{r['layer']:02d}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,3 +25,23 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+SETTINGS = "settings.json"
+
+
+def guard_settings(folder: Path, settings: dict, setting: str) -> None:
+    """Record `settings` in `<folder>/settings.json` on first use; afterwards refuse other settings (ValueError
+    naming `setting`, the option that chose `folder`), so work resumed in a folder never mixes in outputs that
+    were made differently."""
+    path = Path(folder) / SETTINGS
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing != settings:
+            changed = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
+            raise ValueError(
+                f"{setting}={folder} holds outputs made with other settings (differ in: {', '.join(changed)}); "
+                f"use another {setting} or delete it"
+            )
+    else:
+        atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))

@@ -157,10 +157,13 @@ def wandb_run_id(run_dir: Path) -> str:
     from lightning.pytorch.utilities import rank_zero_only
 
     path = run_dir / "wandb_run_id"
-    if not path.is_file() and rank_zero_only.rank == 0:
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]  # other ranks never open a W&B run: theirs is unused
+    if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: f.write(uuid.uuid4().hex[:12].encode()))
-    return path.read_text().strip() if path.is_file() else uuid.uuid4().hex[:12]
+        atomic_write(path, lambda f: f.write(run_id.encode()))
+    return run_id
 
 
 def finish_loggers(trainer: L.Trainer) -> None:

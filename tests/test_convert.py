@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_ddt import TINY as DDT_TINY
 
 from dsr.convert import (
     compose_run_config,
@@ -44,20 +45,8 @@ OVERRIDES = [
     "backbone.num_registers=4",
     "backbone.register_start=1",
 ]
-TINY = dict(
-    input_size=4,
-    patch_size=1,
-    in_channels=3,
-    hidden_size=32,
-    depth=3,
-    num_heads=2,
-    head_hidden_size=48,
-    head_depth=2,
-    head_num_heads=2,
-    num_classes=5,
-    num_registers=4,
-    register_start=1,
-)
+# test_ddt's tiny DiT-DH, with patch size 1 and registers (the released layout).
+TINY = {**DDT_TINY, "patch_size": 1, "num_registers": 4, "register_start": 1}
 
 # The release's DiTwDDTHead(hidden_size=[32, 48], depth=[3, 2], num_heads=[2, 2], register_conditioning=True,
 # register_len=4), as its state_dict names and shapes things (trunk and head blocks share one `blocks` list; RoPE

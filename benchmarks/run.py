@@ -87,7 +87,7 @@ def throughput(
     def sample():
         with autocast:
             fn = guidance.velocity_fn(model, y, model.null_class, transport)
-            solver.integrate(fn, torch.randn_like(x), transport.shift_for(latent))
+            solver.integrate(fn, torch.randn_like(x), transport.shift_for(latent), t_end=transport.sample_t_end)
 
     sample_s = timed(sample, max(1, steps // 10), device)
     return {

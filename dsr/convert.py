@@ -29,8 +29,17 @@ Stage-2 key layout (release -> dsr), the same for RAE's and DSR's code:
   are recomputed by dsr from the config; they are checked against the file (a mismatch means the config describes
   another model) and not loaded. `t_embedder.W`, the frozen Fourier frequencies, is loaded.
 Any release key that is neither mapped nor a known fixed table, and any dsr key the file lacks, is an error that lists
-them; so is a shape mismatch. `register_start` leaves no trace in the weights: pass `--release-config` (the release's
-YAML) to check it and the other sizes against the composed config.
+them; so is a shape mismatch, and a fixed table the config's model computes but the file lacks (a release model built
+without RoPE or without the absolute position table). `register_start` leaves no trace in the weights: pass
+`--release-config` (the release's YAML) to check it, the sizes and every flag that changes the forward pass against
+the composed config.
+
+The transport (prediction type, time distribution, shift dimension, time interval) leaves no trace in the weights
+either, and sampling from a model with the wrong one is silently wrong. With `--release-config` it is taken from the
+release's YAML: values that only come from the default recipe yield to it, and a value set on the command line
+(`recipe=...`, `transport.*=...`, or through `experiment=...`) that contradicts it is an error naming both. Without
+one, the overrides must say how the model was trained: `recipe=rae` (velocity) or `recipe=dsr_release` (x-prediction),
+or `transport.prediction=...`.
 """
 
 from __future__ import annotations
@@ -53,9 +62,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from timm.layers import GluMlp
 from torch import Tensor, nn
 
+from dsr.diffusion.transport import REFERENCE_T_MAX
 from dsr.models.ddt import DiTDH
 from dsr.models.decoder import REFERENCE_POS_EMBED, from_reference_state_dict
 from dsr.models.dit import LightningDiT
+from dsr.models.layers import RMSNorm
 from dsr.utils.files import atomic_write
 from dsr.utils.frozen import drop_frozen
 
@@ -186,11 +197,18 @@ def release_to_dsr(release: Mapping[str, Tensor], backbone: nn.Module) -> dict[s
     target = backbone.state_dict()
     unknown = sorted(k for k in release if k not in layout and k not in tables)
     missing = sorted(k for k in layout if k not in release)
+    # The release saves every fixed table its model uses, so one the file lacks is one its model did not apply.
+    absent_tables = sorted(k for k in tables if k not in release)
     problems = []
     if unknown:
         problems.append(f"keys the config's model does not have: {unknown}")
     if missing:
         problems.append(f"keys the config's model needs but the file lacks: {missing}")
+    if absent_tables:
+        problems.append(
+            f"fixed tables the config's model applies but the file lacks: {absent_tables} (a release model built "
+            "without them: set backbone.use_rope=false for *feat_rope*, backbone.use_pos_embed=false for pos_embed)"
+        )
     for key, value in release.items():
         reference = target[layout[key]] if key in layout else tables.get(key)
         if reference is not None and tuple(value.shape) != tuple(reference.shape):
@@ -259,12 +277,117 @@ def release_config_mismatches(release_config: Mapping, backbone: nn.Module, late
         ours["hidden_size"] = (params["hidden_size"], trunk.attn.qkv.in_features, "backbone.hidden_size")
         ours["depth"] = (params["depth"], len(backbone.blocks), "backbone.depth")
         ours["num_heads"] = (params["num_heads"], trunk.attn.num_heads, "backbone.num_heads")
-    ours["wo_shift"] = (bool(params.get("wo_shift", False)), trunk.wo_shift, "backbone.wo_shift")
-    return [
+    # Flags that change the forward pass, with the release's defaults (its LightningDiT always adds pos_embed).
+    flags = {
+        "use_qknorm": (False, not isinstance(trunk.attn.q_norm, nn.Identity)),
+        "use_swiglu": (True, isinstance(trunk.mlp, GluMlp)),
+        "use_rmsnorm": (True, isinstance(trunk.norm1, RMSNorm)),
+        "use_rope": (True, backbone.use_rope),
+        "use_pos_embed": (True, backbone.pos_embed is not None),
+        "wo_shift": (False, trunk.wo_shift),
+    }
+    for flag, (default, mine) in flags.items():
+        ours[flag] = (bool(params.get(flag, default)), mine, f"backbone.{flag}")
+    unsupported = [f for f in ("learn_sigma", "final_no_ln", "attn_with_bias") if params.get(f)]
+    return [f"{flag}=true: dsr's backbones have no such variant" for flag in unsupported] + [
         f"{name}: release {theirs}, config {mine} (set {setting})"
         for name, (theirs, mine, setting) in ours.items()
         if theirs is not None and theirs != mine
     ]
+
+
+def release_transport(release_config: Mapping) -> dict[str, Any]:
+    """The transport a release YAML trains and samples with, as `dsr.diffusion.transport.Transport` arguments.
+
+    Prediction "data" is dsr's "x" ("velocity" is the release's default); the interval is the release's for that
+    prediction (`REFERENCE_T_MAX`); the shift comes from `misc.time_dist_shift_dim / time_dist_shift_base`, whose
+    default is the product of `misc.latent_size` (768 x 16 x 16 when absent), as the release's training script has it.
+    """
+    params = dict((release_config.get("transport") or {}).get("params") or {})
+    misc = dict(release_config.get("misc") or {})
+    if params.get("path_type", "Linear") != "Linear":
+        raise ValueError(f"transport.params.path_type={params['path_type']}: dsr has only the Linear path")
+    if params.get("loss_weight") is not None:
+        raise ValueError(f"transport.params.loss_weight={params['loss_weight']}: dsr has only the unweighted loss")
+    prediction = {"data": "x", "velocity": "velocity"}.get(str(params.get("prediction", "velocity")))
+    if prediction is None:
+        raise ValueError(f"transport.params.prediction={params['prediction']}: dsr supports data (x) and velocity")
+    time_dist = str(params.get("time_dist_type", "uniform"))
+    if time_dist == "uniform":
+        dist: dict[str, Any] = {"time_dist": "uniform"}
+    elif time_dist.startswith("logit-normal_"):
+        mean, std = (float(v) for v in time_dist.removeprefix("logit-normal_").split("_"))
+        dist = {"time_dist": "logit_normal", "logit_mean": mean, "logit_std": std}
+    else:
+        raise ValueError(f"transport.params.time_dist_type={time_dist}: expected uniform or logit-normal_<mu>_<sigma>")
+    shift_dim = misc.get("time_dist_shift_dim", math.prod(int(d) for d in misc.get("latent_size", (768, 16, 16))))
+    return {
+        "prediction": prediction,
+        **dist,
+        "t_min": 0.0,
+        "t_max": REFERENCE_T_MAX[prediction],
+        "shift": None,
+        "shift_dim": int(shift_dim),
+        "shift_base_dim": int(misc.get("time_dist_shift_base", 4096)),
+    }
+
+
+def _transport_keys_set_by(config_file: Path) -> set[str]:
+    """The `transport.*` keys a recipe or experiment file sets, its recipe choice included."""
+    if not config_file.is_file():
+        return set()  # an unknown option: composing the config reports it
+    node = OmegaConf.load(config_file)
+    keys = set(node.get("transport") or {})
+    for entry in node.get("defaults") or []:
+        if isinstance(entry, Mapping):
+            for group, choice in entry.items():
+                if str(group).removeprefix("override").strip(" /") == "recipe":
+                    keys |= _transport_keys_set_by(CONF_DIR / "recipe" / f"{choice}.yaml")
+    return keys
+
+
+def stated_transport_keys(overrides: Sequence[str]) -> set[str]:
+    """The `transport.*` keys the command line sets: directly, through `recipe=`, or through `experiment=`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys: set[str] = set()
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key.startswith("transport."):
+            keys.add(key.removeprefix("transport."))
+        elif key in ("recipe", "experiment"):
+            keys |= _transport_keys_set_by(CONF_DIR / key / f"{override.value()}.yaml")
+    return keys
+
+
+def transport_overrides(overrides: Sequence[str], release_config: Mapping | None) -> list[str]:
+    """The `transport.*` overrides that make the composed transport the release config's (or [] without one).
+
+    A value the command line states and the release config contradicts is an error naming both; without a release
+    config, the command line must state the prediction type."""
+    stated = stated_transport_keys(overrides)
+    if release_config is None:
+        if "prediction" not in stated:
+            raise ValueError(
+                "say how the imported model was trained: add recipe=rae (RAE's velocity models), recipe=dsr_release "
+                "(the DSR release's x-prediction) or transport.prediction=x|velocity, or pass --release-config with "
+                "the release's YAML"
+            )
+        return []
+    theirs = release_transport(release_config)
+    composed = instantiate(compose_run_config(overrides, ".").transport)
+    ours = {key: getattr(composed, key) for key in theirs}
+    conflicts = [
+        f"transport.{key}: the release config says {theirs[key]}, the command line {ours[key]}"
+        for key in theirs
+        if key in stated and ours[key] != theirs[key]
+    ]
+    if conflicts:
+        raise ValueError(
+            "the command line contradicts the release config's transport (drop the override, or fix the file):\n  "
+            + "\n  ".join(conflicts)
+        )
+    return [f"transport.{key}={'null' if v is None else v}" for key, v in theirs.items() if v != ours[key]]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -297,12 +420,15 @@ def convert_stage2(
     from dsr.train import build, resolved_config  # the training entry point's own composition and build
 
     out = Path(out)
+    release = None
+    if release_config is not None:
+        release = OmegaConf.to_container(OmegaConf.load(release_config), resolve=True)
+    overrides = [*overrides, *transport_overrides(overrides, release)]
     cfg = compose_run_config(overrides, out.parent)
     if "backbone" not in cfg.get("module", {}):
         raise ValueError("the composed config has no module.backbone: convert stage-2 weights with stage=dit")
     module = build(cfg.module)
-    if release_config is not None:
-        release = OmegaConf.to_container(OmegaConf.load(release_config), resolve=True)
+    if release is not None:
         mismatches = release_config_mismatches(release, module.backbone, module.latent_shape)
         if mismatches:
             raise ValueError(f"{release_config} describes another model:\n  " + "\n  ".join(mismatches))
@@ -455,7 +581,10 @@ def parser() -> argparse.ArgumentParser:
         "  python -m dsr.convert stats   stat.pt  encoder=siglip2_b\n"
         "  python -m dsr.convert decoder model.pt encoder=siglip2_b decoder=vit_xl\n"
         "  python -m dsr.convert stage2  stage2_model.pt outputs/dit_dh_xl/checkpoints/last.ckpt \\\n"
-        "      encoder=siglip2_b decoder=vit_xl backbone=dit_dh_xl registers=diffusion\n"
+        "      --release-config DiTDH-XL_SigLIP2-B_data_lognormal.yaml \\\n"
+        "      encoder=siglip2_b decoder=vit_xl backbone=dit_dh_xl registers=none\n"
+        "A stage-2 import states how the model was trained: --release-config (its transport is taken over), or\n"
+        "recipe=rae (velocity) / recipe=dsr_release (x-prediction).\n"
         "Each KIND has its own --help.",
     )
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -482,8 +611,9 @@ def parser() -> argparse.ArgumentParser:
     s2.add_argument(
         "--release-config",
         type=Path,
-        help="the release's YAML; its stage_2 block is checked against "
-        "the composed config (register_start is not visible in the weights)",
+        help="the release's YAML: its transport block (prediction, time distribution, shift, interval) is taken over "
+        "and its stage_2 block is checked against the composed config (register_start and the forward flags are not "
+        "visible in the weights)",
     )
     s2.add_argument("overrides", nargs="*", help="dsr.train overrides, e.g. backbone=dit_dh_xl registers=diffusion")
 

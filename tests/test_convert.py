@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_ddt import TINY as DDT_TINY
@@ -44,6 +45,7 @@ OVERRIDES = [
     "registers=diffusion",
     "backbone.num_registers=4",
     "backbone.register_start=1",
+    "recipe=dsr_release",
 ]
 # test_ddt's tiny DiT-DH, with patch size 1 and registers (the released layout).
 TINY = {**DDT_TINY, "patch_size": 1, "num_registers": 4, "register_start": 1}
@@ -302,15 +304,118 @@ def test_release_config_is_checked(tmp_path):
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     from omegaconf import OmegaConf
 
+    transport = {"params": {"path_type": "Linear", "prediction": "data", "time_dist_type": "logit-normal_0_1"}}
     OmegaConf.save(
-        {"stage_2": {"target": "stage2.models.DDT.DiTwDDTHead", "params": {**params, "register_start": 1}}}, good
+        {
+            "stage_2": {"target": "stage2.models.DDT.DiTwDDTHead", "params": {**params, "register_start": 1}},
+            "transport": transport,
+        },
+        good,
     )
     OmegaConf.save(
-        {"stage_2": {"target": "stage2.models.DDT.DiTwDDTHead", "params": {**params, "register_start": 8}}}, bad
+        {
+            "stage_2": {"target": "stage2.models.DDT.DiTwDDTHead", "params": {**params, "register_start": 8}},
+            "transport": transport,
+        },
+        bad,
     )
     main(["stage2", str(src), str(tmp_path / "ok.ckpt"), "--release-config", str(good), *OVERRIDES])
     with pytest.raises(ValueError, match=r"register_start: release 8, config 1 \(set backbone.register_start\)"):
         main(["stage2", str(src), str(tmp_path / "no.ckpt"), "--release-config", str(bad), *OVERRIDES])
+
+
+def release_yaml(path: Path, prediction: str = "data", **params) -> Path:
+    """A release stage-2 YAML for the tiny DiT-DH of OVERRIDES (stage_2, transport and misc blocks)."""
+    from omegaconf import OmegaConf
+
+    model = dict(input_size=4, patch_size=1, in_channels=3, hidden_size=[32, 48], depth=[3, 2], num_heads=[2, 2])
+    model |= dict(num_classes=5, register_conditioning=True, register_len=4, register_start=1) | params
+    transport = {"path_type": "Linear", "prediction": prediction, "loss_weight": None}
+    OmegaConf.save(
+        {
+            "stage_2": {"target": "stage2.models.DDT.DiTwDDTHead", "params": model},
+            "transport": {"params": {**transport, "time_dist_type": "logit-normal_0_1"}},
+            "misc": {"latent_size": [3, 4, 4], "time_dist_shift_dim": 196608, "time_dist_shift_base": 4096},
+        },
+        path,
+    )
+    return path
+
+
+def stored_transport(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["dsr"]["config"]["transport"]
+
+
+WITHOUT_RECIPE = [o for o in OVERRIDES if not o.startswith("recipe=")]
+
+
+@pytest.mark.parametrize("prediction, expected, t_max", [("data", "x", 1.0), ("velocity", "velocity", 0.999)])
+def test_the_release_config_gives_the_transport(tmp_path, prediction, expected, t_max):
+    src = tmp_path / "stage2_model.pt"
+    torch.save(closed_form_release(), src)
+    config = release_yaml(tmp_path / "release.yaml", prediction)
+    out = main(["stage2", str(src), str(tmp_path / "out.ckpt"), "--release-config", str(config), *WITHOUT_RECIPE])
+    transport = stored_transport(out)
+    assert transport["prediction"] == expected and transport["t_max"] == t_max and transport["t_min"] == 0.0
+    assert (transport["time_dist"], transport["logit_mean"], transport["logit_std"]) == ("logit_normal", 0.0, 1.0)
+    assert transport["shift_dim"] == 196608 and transport["shift"] is None
+    module = DiTModule.from_checkpoint(out)
+    # sqrt(196608 / 4096), not the tiny latent's own sqrt(48 / 4096)
+    assert module.transport.shift_for(module.latent_shape) == pytest.approx(math.sqrt(48), rel=1e-12)
+    assert module.transport.sample_t_end == pytest.approx(1 - t_max)
+    # A stated value that agrees with the file is fine.
+    main(["stage2", str(src), str(tmp_path / "b.ckpt"), "--release-config", str(config), *WITHOUT_RECIPE,
+          f"transport.prediction={expected}"])  # fmt: skip
+
+
+def test_a_stated_transport_that_contradicts_the_release_config_is_refused(tmp_path):
+    src = tmp_path / "stage2_model.pt"
+    torch.save(closed_form_release(), src)
+    config = release_yaml(tmp_path / "release.yaml", "data")
+    args = ["stage2", str(src), str(tmp_path / "out.ckpt"), "--release-config", str(config), *WITHOUT_RECIPE]
+    with pytest.raises(ValueError, match="transport.prediction: the release config says x, the command line velocity"):
+        main([*args, "recipe=rae"])
+    with pytest.raises(
+        ValueError, match="transport.shift_dim: the release config says 196608, the command line 294912"
+    ):
+        main([*args, "transport.shift_dim=294912"])
+    with pytest.raises(ValueError, match="transport.t_max: the release config says 1.0, the command line 0.999"):
+        main([*args, "transport.t_max=0.999"])
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_a_stage2_import_must_say_how_the_model_was_trained(tmp_path):
+    src = tmp_path / "stage2_model.pt"
+    torch.save(closed_form_release(), src)
+    with pytest.raises(ValueError, match="recipe=rae .*recipe=dsr_release .*--release-config"):
+        main(["stage2", str(src), str(tmp_path / "out.ckpt"), *WITHOUT_RECIPE])
+    out = main(["stage2", str(src), str(tmp_path / "v.ckpt"), *WITHOUT_RECIPE, "transport.prediction=velocity"])
+    assert stored_transport(out)["prediction"] == "velocity"
+    assert stored_transport(main(["stage2", str(src), str(tmp_path / "r.ckpt"), *OVERRIDES]))["prediction"] == "x"
+
+
+@pytest.mark.parametrize(
+    "flag, value, setting",
+    [("use_rope", False, "backbone.use_rope"), ("use_pos_embed", False, "backbone.use_pos_embed"),
+     ("use_qknorm", True, "backbone.use_qknorm"), ("use_swiglu", False, "backbone.use_swiglu"),
+     ("use_rmsnorm", False, "backbone.use_rmsnorm"), ("wo_shift", True, "backbone.wo_shift")],
+)  # fmt: skip
+def test_every_forward_flag_is_checked_against_the_release_config(tmp_path, flag, value, setting):
+    src = tmp_path / "stage2_model.pt"
+    torch.save(closed_form_release(), src)
+    config = release_yaml(tmp_path / "release.yaml", **{flag: value})
+    with pytest.raises(ValueError, match=rf"{flag}: release {value}, config {not value} \(set {setting}\)"):
+        main(["stage2", str(src), str(tmp_path / "out.ckpt"), "--release-config", str(config), *WITHOUT_RECIPE])
+
+
+@pytest.mark.parametrize("dropped, setting", [("feat_rope", "use_rope=false"), ("pos_embed", "use_pos_embed=false")])
+def test_fixed_tables_the_file_lacks_are_an_error(tmp_path, dropped, setting):
+    """A release model built without RoPE (or without pos_embed) saves no such tables; converting it into a model
+    that applies them would change the forward pass."""
+    src = tmp_path / "stage2_model.pt"
+    torch.save({k: v for k, v in closed_form_release().items() if dropped not in k}, src)
+    with pytest.raises(ValueError, match=f"fixed tables the config's model applies but the file lacks.*{setting}"):
+        main(["stage2", str(src), str(tmp_path / "out.ckpt"), *OVERRIDES])
 
 
 def test_wrong_model_config_is_an_error_naming_the_settings(tmp_path):
@@ -464,6 +569,7 @@ def test_full_import_order_stats_decoder_then_stage2(tmp_path, monkeypatch):
     main(["decoder", str(tmp_path / "decoder.pt"), "--grid-size", "8", *codec])
 
     backbone = [
+        "recipe=rae",
         "backbone=dit_dh_s",
         "registers=none",
         "backbone.hidden_size=32",
@@ -495,3 +601,142 @@ def test_full_import_order_stats_decoder_then_stage2(tmp_path, monkeypatch):
     assert torch.equal(module.encoder.latent_mean, mean)
     assert torch.equal(module.encoder.decoder.blocks[1].mlp.fc2.weight, decoder.blocks[1].mlp.fc2.weight)
     assert all(torch.equal(v, module.ema.module.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the README's import commands, run as written on tiny files
+# --------------------------------------------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_import_commands() -> list[list[str]]:
+    """The commands of the README's "Importing released checkpoints" block, continuation lines joined."""
+    import shlex
+
+    text = README.read_text().split("### Importing released checkpoints", 1)[1]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            assert line.startswith("python -m dsr."), line
+            commands.append(shlex.split(line)[2:])
+    return commands
+
+
+def tiny_hub_dirs(root: Path) -> dict[str, Path]:
+    """Random-init stand-ins for the hub checkpoints, saved with save_pretrained: 16 px -> 4x4 tokens of 32."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=16)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    siglip = SiglipModel(SiglipConfig(vision_config={**vision, "intermediate_size": 64}, text_config=text))
+    dinov2 = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**vision, mlp_ratio=2, num_register_tokens=4))
+    dirs = {"siglip2_b": root / "siglip", "dinov2_b_reg": root / "dinov2"}
+    siglip.save_pretrained(dirs["siglip2_b"])
+    dinov2.save_pretrained(dirs["dinov2_b_reg"])
+    return dirs
+
+
+SHRINK_CODEC = ["data.image_size=16", "encoder.input_size=16"]
+SHRINK_DECODER = ["decoder.hidden_size=32", "decoder.depth=1", "decoder.num_heads=2", "decoder.mlp_dim=64",
+                  "decoder.patch_size=4"]  # fmt: skip
+SHRINK_BACKBONE = ["backbone.hidden_size=32", "backbone.depth=2", "backbone.num_heads=2", "backbone.register_start=1"]
+SHRINK_HEAD = ["backbone.head_hidden_size=48", "backbone.head_depth=1", "backbone.head_num_heads=2"]
+
+
+def test_the_readme_import_commands_run_as_written_and_sample(tmp_path, monkeypatch):
+    """Each documented command on tiny files: the release files are tiny ones written here, and the only overrides
+    added shrink the model and point the encoder at tiny local weights."""
+    from omegaconf import OmegaConf
+
+    from dsr.models.decoder import ViTDecoder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DSR_ARTIFACTS", str(tmp_path / "artifacts"))
+    hub = tiny_hub_dirs(tmp_path / "hub")
+    neurons = tmp_path / "neurons.json"
+    neurons.write_text('{"1": [3, 17]}')  # the tiny SigLIP's stand-in for the release's SigLIP2-B register neurons
+    commands = readme_import_commands()
+    assert [c[0] for c in commands if c[0] == "dsr.convert"] == ["dsr.convert"] * 6 and commands[-1][0] == "dsr.sample"
+
+    converted = []
+    for module, *args in commands:
+        kind = args[0] if module == "dsr.convert" else "sample"
+        overrides = [a for a in args if "=" in a and not a.startswith("-")]
+        encoder = next((o.split("=", 1)[1] for o in overrides if o.startswith("encoder=")), None)
+        extra = [*SHRINK_CODEC, f"encoder.pretrained={hub[encoder]}"] if encoder else []
+        if encoder == "siglip2_b":
+            extra.append(f"encoder.ttr_neurons={neurons}")
+        if kind in ("decoder", "stage2"):
+            extra += SHRINK_DECODER
+        if kind == "stats":
+            g = torch.Generator().manual_seed(len(converted))
+            torch.save({"mean": torch.randn(32, 4, 4, generator=g), "var": torch.rand(32, 4, 4, generator=g) + 0.5},
+                       args[1])  # fmt: skip
+        elif kind == "decoder":
+            torch.manual_seed(0)
+            decoder = ViTDecoder(in_channels=32, grid_size=4, patch_size=4, hidden_size=32, depth=1, num_heads=2,
+                                 mlp_dim=64)  # fmt: skip
+            torch.save(release_decoder_state(decoder) | {"decoder_pos_embed": mae_table(32, 4)}, args[1])
+        elif kind == "stage2":
+            extra += SHRINK_BACKBONE + (SHRINK_HEAD if "backbone=dit_dh_xl" in overrides else [])
+            cfg = compose_run_config([*overrides, *extra], tmp_path)
+            torch.manual_seed(0)
+            backbone = instantiate_backbone(cfg)
+            weights = dsr_to_release(backbone)
+            torch.save({"model": weights, "ema": weights, "step": 3} if "ep-" in args[1] else weights, args[1])
+            if "--release-config" in args:
+                release = release_config_of(backbone)
+                OmegaConf.save(release, args[args.index("--release-config") + 1])
+        else:
+            extra = ["num_samples=2", "batch_size=2", "shard_size=2", "sampler.solver.num_steps=3",
+                     "accelerator=cpu", "devices=1"]  # fmt: skip
+        if module == "dsr.convert":
+            converted.append(main([*args, *extra]))
+        else:
+            from conftest import compose_script
+
+            import dsr.sample
+
+            with np.load(dsr.sample.run(compose_script("sample", [*args, *extra]))) as samples:
+                images = samples["arr_0"]
+            assert images.shape == (2, 16, 16, 3) and images.std() > 0
+
+    rae, dsr_release = DiTModule.from_checkpoint(converted[2]), DiTModule.from_checkpoint(converted[5])
+    assert (rae.transport.prediction, rae.transport.t_max) == ("velocity", 0.999)
+    assert (dsr_release.transport.prediction, dsr_release.transport.t_max) == ("x", 1.0)
+    assert dsr_release.transport.shift_for(dsr_release.latent_shape) == pytest.approx(math.sqrt(48))
+    assert isinstance(rae.backbone, DiTDH) and dsr_release.backbone.num_registers == 36
+    assert dsr_release.encoder.test_time_registers is not None  # registers=dsr: TTR in the encoder
+    for module in (rae, dsr_release):
+        images = module.sample(torch.tensor([0, 1]))
+        assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def instantiate_backbone(cfg):
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.module.backbone)(in_channels=32, input_size=(4, 4))
+
+
+def release_config_of(backbone: LightningDiT) -> dict:
+    """The release YAML of a tiny LightningDiT, in the release's format (its DSR-row settings, shrunk)."""
+    params = dict(input_size=4, patch_size=1, in_channels=32, hidden_size=32, depth=2, num_heads=2, mlp_ratio=4.0,
+                  num_classes=1000, use_qknorm=False, use_swiglu=True, use_rope=True, use_rmsnorm=True,
+                  wo_shift=False, register_conditioning=True, register_len=backbone.num_registers,
+                  register_start=backbone.register_start)  # fmt: skip
+    return {
+        "stage_2": {"target": "stage2.models.lightningDiT.LightningDiT", "params": params},
+        "transport": {
+            "params": {
+                "path_type": "Linear",
+                "prediction": "data",
+                "loss_weight": None,
+                "time_dist_type": "logit-normal_0_1",
+            }
+        },  # fmt: skip
+        "misc": {"latent_size": [32, 4, 4], "time_dist_shift_dim": 196608, "time_dist_shift_base": 4096},
+    }

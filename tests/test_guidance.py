@@ -104,7 +104,7 @@ def test_x_prediction_converts_to_velocity():
 def test_with_sampler_and_validation():
     model, transport = ToyModel(), Transport()
     cfg = ClassifierFreeGuidance(scale=2.0, t_min=0.2, t_max=0.8)
-    sampler = ODESampler("heun", num_steps=6)
+    sampler = ODESampler("heun", num_steps=6, t_end=0.001)
     x, _, y = _inputs([0.0] * B)
     out = sampler.integrate(cfg.velocity_fn(model, y, NULL, transport), x, shift=2.0)
     assert out.shape == x.shape and torch.isfinite(out).all()

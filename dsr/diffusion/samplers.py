@@ -3,6 +3,13 @@
 `num_steps` counts grid points, as RAE and the DSR release do: 50 grid points are 49 integration steps.
 The grid is linear in t from 1 to `t_end` and then shifted toward noise with the same `time_shift` used
 in training, so the sampler spends its steps where the model was trained most.
+
+Where the grid ends is part of how a model was trained, so by default it comes from the transport
+(`Transport.sample_t_end`, passed to `integrate`): the DSR release's x-prediction recipe ends at t = 0, where
+the last Euler step lands exactly on the model's clean prediction; RAE's velocity recipe ends at t = 0.001
+(shift(0.001) = 0.00689 at s = 6.93), where a velocity model is still well behaved. An ODE sampler's own
+`t_end` overrides it (`sampler.solver.t_end=...`). The SDE sampler always keeps its own positive `t_end`: its
+score term -E[noise | x_t] / t diverges at t = 0.
 """
 
 from __future__ import annotations
@@ -48,21 +55,39 @@ def _fresh_noise(x: Tensor, generator: torch.Generator | list[torch.Generator] |
 class _GridSampler:
     """What every sampler shares: the shifted time grid from t = 1 to t_end, walked step by step."""
 
-    def __init__(self, num_steps: int, t_end: float) -> None:
+    def __init__(self, num_steps: int, t_end: float | None) -> None:
+        if t_end is not None and not 0.0 <= t_end < 1.0:
+            raise ValueError(f"t_end must lie in [0, 1), got {t_end}")
         self.num_steps = num_steps
         self.t_end = t_end
 
-    def steps(self, shift: float, progress: bool, desc: str) -> Iterator[tuple[int, float, float]]:
+    def end_time(self, t_end: float | None) -> float:
+        """The grid's last time before the shift: this sampler's own `t_end` if set, else the given one (the
+        transport's `sample_t_end`)."""
+        end = self.t_end if self.t_end is not None else t_end
+        if end is None:
+            raise ValueError(
+                f"{type(self).__name__} has no t_end: set sampler.solver.t_end, or pass the transport's "
+                "sample_t_end to integrate(t_end=...)"
+            )
+        return end
+
+    def steps(
+        self, shift: float, progress: bool, desc: str, t_end: float | None = None
+    ) -> Iterator[tuple[int, float, float]]:
         """(i, t_i, t_{i+1}) for the num_steps - 1 steps of the grid, with a tqdm bar if `progress`."""
-        grid = time_grid(self.num_steps, shift, self.t_end).tolist()
+        grid = time_grid(self.num_steps, shift, self.end_time(t_end)).tolist()
         for i in tqdm(range(len(grid) - 1), disable=not progress, desc=desc):
             yield i, grid[i], grid[i + 1]
 
 
 class ODESampler(_GridSampler):
-    """Euler or Heun integration of the probability-flow ODE dx/dt = v(x, t) from t = 1 to t_end."""
+    """Euler or Heun integration of the probability-flow ODE dx/dt = v(x, t) from t = 1 to t_end.
 
-    def __init__(self, method: str = "euler", num_steps: int = 50, t_end: float = 0.001) -> None:
+    `t_end` None takes the end from the caller (the model's transport); a number overrides it.
+    """
+
+    def __init__(self, method: str = "euler", num_steps: int = 50, t_end: float | None = None) -> None:
         if method not in ODE_METHODS:
             raise ValueError(f"method must be one of {ODE_METHODS}, got {method!r}")
         super().__init__(num_steps, t_end)
@@ -81,11 +106,13 @@ class ODESampler(_GridSampler):
         shift: float,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         progress: bool = False,
+        t_end: float | None = None,
     ) -> Tensor:
-        """Map noise [B, ...] at t = 1 to samples at the last grid time. `generator` is unused (the ODE
-        is deterministic); it is accepted so every sampler shares one signature."""
+        """Map noise [B, ...] at t = 1 to samples at the last grid time. `t_end` is the transport's grid end,
+        used when the sampler has none of its own. `generator` is unused (the ODE is deterministic); it is
+        accepted so every sampler shares one signature."""
         x = noise
-        for _, t_cur, t_next in self.steps(shift, progress, f"{self.method} ODE"):
+        for _, t_cur, t_next in self.steps(shift, progress, f"{self.method} ODE", t_end):
             h = t_next - t_cur  # negative: integrating toward data
             v = velocity_fn(x, _batch_time(t_cur, x)).to(x.dtype)
             if self.method == "euler":
@@ -108,10 +135,13 @@ class SDESampler(_GridSampler):
     release ported an SDE written for the opposite convention, t = 0 noise; under t = 1 noise its
     diffusion coefficient is negative and its square root yields NaN.)
 
-    The last step is a noise-free Euler step of the ODE, so no fresh noise is left in the output.
+    The last step is a noise-free Euler step of the ODE, so no fresh noise is left in the output. `t_end` must be
+    positive (the score diverges at t = 0), so this sampler keeps its own and ignores the transport's.
     """
 
     def __init__(self, num_steps: int = 250, t_end: float = 0.001, diffusion_scale: float = 1.0) -> None:
+        if t_end is None or t_end <= 0:
+            raise ValueError(f"the SDE sampler needs t_end > 0 (its score diverges at t = 0), got {t_end}")
         if diffusion_scale < 0:
             raise ValueError(f"diffusion_scale must be >= 0, got {diffusion_scale}")
         super().__init__(num_steps, t_end)
@@ -129,8 +159,10 @@ class SDESampler(_GridSampler):
         shift: float,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         progress: bool = False,
+        t_end: float | None = None,
     ) -> Tensor:
         """Map noise [B, ...] at t = 1 to samples at the last grid time; fresh noise comes from `generator`.
+        `t_end` (the transport's grid end) is accepted for a common signature and not used: see the class.
 
         `generator` is one generator for the whole batch, or a sequence of B generators, one per batch row:
         row b's fresh noise [...] is then drawn from generator b alone (on that generator's device, in x's

@@ -7,6 +7,12 @@ Time convention (RAE and the DSR release): t = 0 is data and t = 1 is pure noise
 The network either predicts the velocity u directly ("velocity", RAE) or the clean latent x
 ("x", the DSR release), which is turned into a velocity before the loss so both train on the same
 velocity-space objective.
+
+The time interval [t_min, t_max] is one setting for training and sampling, as in both reference codes: training
+draws t on it (then shifts), and the samplers' grid runs from t = 1 down to 1 - t_max (then shifts). Its default
+follows the prediction type as the references do: the DSR release zeroes its epsilons for x-prediction, so
+[0, 1] and the last grid point is t = 0 (the final Euler step lands on the model's clean prediction); RAE (velocity)
+caps t_max at 1 - 1/1000, so [0, 0.999] and the grid ends at shift(0.001).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from torch import Tensor
 
 PREDICTIONS = ("velocity", "x")
 TIME_DISTS = ("logit_normal", "uniform")
+# The references' interval end per prediction type (see the module docstring).
+REFERENCE_T_MAX = {"x": 1.0, "velocity": 0.999}
 
 
 def _bcast(t: Tensor, x: Tensor) -> Tensor:
@@ -104,7 +112,7 @@ class Transport:
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         t_min: float = 0.0,
-        t_max: float = 0.999,
+        t_max: float | None = None,
         shift: float | None = None,
         shift_dim: int | None = None,
         shift_base_dim: int = 4096,
@@ -115,6 +123,8 @@ class Transport:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if time_dist not in TIME_DISTS:
             raise ValueError(f"time_dist must be one of {TIME_DISTS}, got {time_dist!r}")
+        if t_max is None:
+            t_max = REFERENCE_T_MAX[prediction]
         if not 0.0 <= t_min < t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
         self.prediction = prediction
@@ -128,6 +138,12 @@ class Transport:
         self.shift_base_dim = shift_base_dim
         self.x_pred_t_clamp = x_pred_t_clamp
         self.mask_norm_threshold = mask_norm_threshold
+
+    @property
+    def sample_t_end(self) -> float:
+        """Where the samplers' grid ends before the shift: 1 - t_max (0 for the release's x-prediction, 0.001 for
+        RAE's velocity), since both references walk their sampling grid over the training interval reversed."""
+        return 1.0 - self.t_max
 
     def shift_for(self, latent_shape: Sequence[int]) -> float:
         """The time shift for latents of shape (C, H, W): explicit `shift`, else from `shift_dim`,

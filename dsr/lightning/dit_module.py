@@ -172,7 +172,9 @@ class DiTModule(L.LightningModule):
         model = self.sampling_model(use_ema)
         velocity_fn = self.guidance.velocity_fn(model, y.to(self.device), model.null_class, self.transport)
         shift = self.transport.shift_for(self.latent_shape)
-        z = self.solver.integrate(velocity_fn, noise, shift, generator=generator, progress=progress)
+        z = self.solver.integrate(
+            velocity_fn, noise, shift, generator=generator, progress=progress, t_end=self.transport.sample_t_end
+        )
         return self.encoder.decode(z).clamp(0, 1)
 
     # ---------------------------------------------------------------------------------------------------

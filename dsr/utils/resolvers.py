@@ -18,5 +18,15 @@ def short_dirname(name: str) -> str:
     return f"{name[: MAX_DIRNAME - 13]}-{digest}"
 
 
+def reference_t_max(prediction: str) -> float:
+    """`${dsr.reference_t_max:${transport.prediction}}`: the references' interval end for a prediction type."""
+    from dsr.diffusion.transport import REFERENCE_T_MAX
+
+    if prediction not in REFERENCE_T_MAX:
+        raise ValueError(f"transport.prediction must be one of {sorted(REFERENCE_T_MAX)}, got {prediction!r}")
+    return REFERENCE_T_MAX[prediction]
+
+
 def register() -> None:
     OmegaConf.register_new_resolver("dsr.dirname", short_dirname, replace=True)
+    OmegaConf.register_new_resolver("dsr.reference_t_max", reference_t_max, replace=True)

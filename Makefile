@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup train train-rae test lint format bench clean
+.PHONY: help setup train train-rae test test-fast lint format bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -27,11 +27,14 @@ train-rae: setup  ## the quickstart in a tiny encoder's latents: statistics, sta
 test: setup  ## the test suite (CPU, a few minutes)
 	$(BIN)/python -m pytest
 
-lint: setup  ## ruff
+test-fast: setup  ## the suite without the tests marked slow (the edit loop; under 3 minutes)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup  ## ruff check and format check (CI runs it before the tests)
 	$(BIN)/ruff check dsr tests benchmarks
 	$(BIN)/ruff format --check dsr tests benchmarks
 
-format: setup
+format: setup  ## ruff format and the fixable lint
 	$(BIN)/ruff format dsr tests benchmarks
 	$(BIN)/ruff check --fix dsr tests benchmarks
 

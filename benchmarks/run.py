@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from dsr.config import compose
 from dsr.diffusion.guidance import ClassifierFreeGuidance
 from dsr.diffusion.samplers import ODESampler
 from dsr.diffusion.transport import Transport
@@ -29,11 +29,7 @@ RAE_LATENT = (768, 16, 16)  # SigLIP2-B / DINOv2-B latents at 256 px
 
 
 def backbone_factory(name: str, num_registers: int = 36):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"backbone={name}", f"backbone.num_registers={num_registers}", "data=imagenet"],
-        )
+    cfg = compose("train", [f"backbone={name}", f"backbone.num_registers={num_registers}", "data=imagenet"])
     return instantiate(cfg.backbone), cfg
 
 

@@ -12,23 +12,22 @@ written last: a cache without one is incomplete and training refuses it.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from dsr.data.latents import MANIFEST, labels_path, latents_path
-from dsr.sample import shard_ranges
-from dsr.stats import views_of, without_flip
+from dsr.config import build
+from dsr.data.latents import labels_path, latents_path
+from dsr.data.views import views_of, without_flip
+from dsr.diffusion.generation import shard_ranges
 from dsr.utils.fabric import launch_fabric
-from dsr.utils.files import atomic_write, guard_settings
+from dsr.utils.files import atomic_write, guard_settings, write_manifest
 
 log = logging.getLogger("dsr.cache_latents")
 
@@ -51,8 +50,8 @@ def run(cfg: DictConfig) -> Path:
     if cfg.cache.dtype not in DTYPES:
         raise ValueError(f"cache.dtype={cfg.cache.dtype!r}: choose one of {sorted(DTYPES)}")
     fabric = launch_fabric(cfg.accelerator, cfg.devices)
-    codec = instantiate(cfg.encoder).to(fabric.device).eval()
-    dataset = instantiate(without_flip(cfg.data.dataset))
+    codec = build(cfg.encoder).to(fabric.device).eval()
+    dataset = build(without_flip(cfg.data.dataset))
     num_samples = len(dataset) if cfg.cache.num_samples is None else min(cfg.cache.num_samples, len(dataset))
     out_dir = Path(cfg.cache.output)
     settings = {
@@ -87,7 +86,7 @@ def run(cfg: DictConfig) -> Path:
     bar.close()
     fabric.barrier()
     if fabric.global_rank == 0:
-        atomic_write(out_dir / MANIFEST, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        write_manifest(out_dir, settings)
         print(f"latent cache ({num_samples} images x {len(settings['views'])} views): {out_dir}", flush=True)
     fabric.barrier()
     return out_dir

@@ -54,14 +54,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from timm.layers import GluMlp
 from torch import Tensor, nn
 
+from dsr.config import CONF_DIR, build, compose, resolved_config
 from dsr.diffusion.transport import REFERENCE_T_MAX
 from dsr.models.ddt import DiTDH
 from dsr.models.decoder import REFERENCE_POS_EMBED, from_reference_state_dict
@@ -70,7 +68,6 @@ from dsr.models.layers import RMSNorm
 from dsr.utils.files import atomic_write
 from dsr.utils.frozen import drop_frozen
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PREFIXES = ("module.", "_orig_mod.")
 # Fixed tables are recomputed here in float64 and the release's in float32: a layout error shows up as O(1).
 FIXED_TABLE_ATOL = 1e-4
@@ -163,25 +160,23 @@ def release_fixed_tables(backbone: nn.Module) -> dict[str, Tensor]:
     if backbone.pos_embed is not None:
         tables["pos_embed"] = backbone.pos_embed
     if isinstance(backbone, LightningDiT):
-        if backbone.use_rope:
-            tables["feat_rope.freqs_cos"], tables["feat_rope.freqs_sin"] = backbone.rope_cos, backbone.rope_sin
+        if backbone.rope is not None:
+            tables["feat_rope.freqs_cos"], tables["feat_rope.freqs_sin"] = backbone.rope.tables(prefixed=False)
             if backbone.registers is not None:
-                tables["feat_rope_incontext.freqs_cos"] = backbone.rope_cos_registers
-                tables["feat_rope_incontext.freqs_sin"] = backbone.rope_sin_registers
+                cos, sin = backbone.rope.tables(prefixed=True)
+                tables["feat_rope_incontext.freqs_cos"], tables["feat_rope_incontext.freqs_sin"] = cos, sin
         if backbone.registers is not None:
             tables["register_pos_embed"] = backbone.registers.pos_code
         return tables
-    if backbone.use_rope:
-        tables["enc_feat_rope.freqs_cos"], tables["enc_feat_rope.freqs_sin"] = backbone.rope_cos, backbone.rope_sin
-        head = backbone.head_num_registers
-        tables["dec_feat_rope.freqs_cos"] = backbone.head_rope_cos[head:]
-        tables["dec_feat_rope.freqs_sin"] = backbone.head_rope_sin[head:]
+    if backbone.rope is not None:
+        tables["enc_feat_rope.freqs_cos"], tables["enc_feat_rope.freqs_sin"] = backbone.rope.tables(prefixed=False)
+        tables["dec_feat_rope.freqs_cos"], tables["dec_feat_rope.freqs_sin"] = backbone.head_rope.tables(prefixed=False)
         if backbone.registers is not None:
-            tables["enc_feat_rope_incontext.freqs_cos"] = backbone.rope_cos_registers
-            tables["enc_feat_rope_incontext.freqs_sin"] = backbone.rope_sin_registers
+            cos, sin = backbone.rope.tables(prefixed=True)
+            tables["enc_feat_rope_incontext.freqs_cos"], tables["enc_feat_rope_incontext.freqs_sin"] = cos, sin
         if backbone.head_registers is not None:
-            tables["dec_feat_rope_incontext.freqs_cos"] = backbone.head_rope_cos
-            tables["dec_feat_rope_incontext.freqs_sin"] = backbone.head_rope_sin
+            cos, sin = backbone.head_rope.tables(prefixed=True)
+            tables["dec_feat_rope_incontext.freqs_cos"], tables["dec_feat_rope_incontext.freqs_sin"] = cos, sin
     if backbone.registers is not None:
         tables["enc_register_pos_embed"] = backbone.registers.pos_code
     if backbone.head_registers is not None:
@@ -397,16 +392,7 @@ def transport_overrides(overrides: Sequence[str], release_config: Mapping | None
 
 def compose_run_config(overrides: Sequence[str], run_dir: str | Path) -> DictConfig:
     """The config `python -m dsr.train OVERRIDES` would run, with its run directory at `run_dir`."""
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
-            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
-    HydraConfig.instance().set_config(cfg)  # `${hydra:runtime.choices.*}` in the config resolve through it
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-    return cfg
+    return compose("train", overrides, run_dir=run_dir)
 
 
 def convert_stage2(
@@ -417,8 +403,6 @@ def convert_stage2(
     release_config: str | Path | None = None,
 ) -> Path:
     """Write a dsr stage-2 checkpoint (Lightning layout: `state_dict` with `backbone.*` and `ema.*`, `dsr.config`)."""
-    from dsr.train import build, resolved_config  # the training entry point's own composition and build
-
     out = Path(out)
     release = None
     if release_config is not None:

@@ -18,18 +18,17 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from dsr.config import build
+from dsr.data.views import subset_indices, views_of, without_flip
 from dsr.utils.fabric import launch_fabric
 from dsr.utils.files import atomic_write
 
 log = logging.getLogger("dsr.stats")
-
-VIEWS = ("original", "both")
 
 
 @dataclass
@@ -69,13 +68,6 @@ class Moments:
         return self.m2 / max(self.count, 1)
 
 
-def views_of(images: Tensor, views: str) -> Tensor:
-    """[B, 3, H, W] -> [B * V, 3, H, W]: the images, and with `both` their horizontal mirrors."""
-    if views not in VIEWS:
-        raise ValueError(f"stats.views={views!r}: choose one of {VIEWS}")
-    return torch.cat([images, images.flip(-1)]) if views == "both" else images
-
-
 def latent_moments(
     codec: torch.nn.Module,
     dataset: Dataset,
@@ -107,14 +99,6 @@ def gather_moments(fabric, moments: Moments) -> Moments:
     return merged
 
 
-def subset_indices(size: int, num_samples: int | None, seed: int) -> list[int]:
-    """All indices, or a seeded random subset of `num_samples` of them (sorted)."""
-    if num_samples is None or num_samples >= size:
-        return list(range(size))
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(size, generator=generator)[:num_samples].tolist())
-
-
 def save_stats(path: str | Path, moments: Moments, **metadata: object) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,19 +107,10 @@ def save_stats(path: str | Path, moments: Moments, **metadata: object) -> Path:
     return path
 
 
-def without_flip(dataset_node: DictConfig) -> DictConfig:
-    """The dataset config with its random flip off: the views are chosen explicitly here."""
-    node = dataset_node.copy()
-    if "flip" in node:
-        with open_dict(node):
-            node.flip = False
-    return node
-
-
 def run(cfg: DictConfig) -> Path:
     fabric = launch_fabric(cfg.accelerator, cfg.devices)
-    codec = instantiate(cfg.encoder).to(fabric.device).eval()
-    dataset = instantiate(without_flip(cfg.data.dataset))
+    codec = build(cfg.encoder).to(fabric.device).eval()
+    dataset = build(without_flip(cfg.data.dataset))
     indices = subset_indices(len(dataset), cfg.stats.num_samples, cfg.seed)
     mine = Subset(dataset, indices[fabric.global_rank :: fabric.world_size])
     if fabric.global_rank == 0:

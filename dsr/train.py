@@ -16,10 +16,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dsr.config import build, resolved_config
 from dsr.lightning.checkpoint_io import AtomicCheckpointIO
 from dsr.models.profile import register_overhead
 from dsr.utils.files import atomic_write
@@ -49,26 +49,6 @@ def initialize_from(module: L.LightningModule, path: str | Path) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(f"init_from={path} does not exist")
     module.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
-
-
-def resolved_config(cfg: DictConfig) -> dict:
-    """The run's config as plain, resolved data (without Hydra's own node, present when composed by tests)."""
-    return {
-        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-        for key in cfg
-        if key != "hydra"
-    }
-
-
-def build(node: DictConfig):
-    """`instantiate`, but a configuration error (missing file, bad value) surfaces as itself, with the
-    message that names the setting, rather than wrapped in Hydra's InstantiationException."""
-    try:
-        return instantiate(node)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, (OSError, ValueError)):
-            raise err.__cause__ from None
-        raise
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

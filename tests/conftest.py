@@ -1,4 +1,4 @@
-"""Shared helpers: compose the real `conf/` tree with tiny overrides and run the real training function."""
+"""Shared fixtures: the real training function on composed overrides, offline W&B, tiny Inception weights."""
 
 from __future__ import annotations
 
@@ -6,60 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-# A model and data small enough for a CPU test: 16x16 images, 4x4 tokens of 48 channels.
-TINY_RUN = [
-    "experiment=quickstart",
-    "data.image_size=16",
-    "data.num_classes=4",
-    "data.dataset.num_samples=128",
-    "data.global_batch_size=16",
-    "backbone.hidden_size=32",
-    "backbone.depth=2",
-    "backbone.num_heads=2",
-    "backbone.num_registers=2",
-    "backbone.register_start=1",
-    "sampler.solver.num_steps=4",
-    "callbacks.sample_grid.per_class=2",
-    "trainer.max_steps=6",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def compose_train(overrides: list[str], run_dir: Path) -> DictConfig:
-    """The config `python -m dsr.train <overrides>` would run, with its run directory at `run_dir`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
-        cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={run_dir}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-    return cfg
-
-
-def compose_script(config_name: str, overrides: list[str]) -> DictConfig:
-    """The config of another entry point (`stats`, `cache_latents`, `analyze`) with Hydra's runtime set, as its
-    `@hydra.main` would see it."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
 @pytest.fixture
 def run_train(tmp_path):
     """Run the real training function on composed overrides; returns (metrics, run_dir)."""
+    from helpers import compose_train
+
     from dsr.train import train
 
     def _run(overrides: list[str], name: str = "run") -> tuple[dict, Path]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dsr.analyze import norm_grid, pca_rgb, plot_max_median_ratio, save_norm_maps, save_pca_images
+from dsr.analysis.figures import norm_grid, pca_rgb, plot_max_median_ratio, save_norm_maps, save_pca_images
 
 
 def test_norm_grid_places_tokens_row_major_after_the_prefix():

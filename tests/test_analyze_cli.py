@@ -20,19 +20,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_RUN, compose_script, compose_train
+from helpers import TINY_RUN, A, B, compose_script, compose_train, planted_images, planted_vit
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from test_ttr import A, B, build, planted_images
 from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import SiglipVisionModel
 
-from dsr.analyze import OutlierStatistics, run
+from dsr.analysis.outliers import layer_statistics, max_median_ratio, token_norms
+from dsr.analysis.statistics import OutlierStatistics
+from dsr.analyze import run
+from dsr.data.views import subset_indices
 from dsr.lightning.callbacks import OutlierMonitor
-from dsr.registers.outliers import layer_statistics, max_median_ratio, token_norms
-from dsr.registers.ttr import RegisterNeuronSet, capture_residual_stream
-from dsr.stats import subset_indices
+from dsr.registers.hooks import capture_residual_stream
+from dsr.registers.neurons import RegisterNeuronSet
 
 REPO = Path(__file__).resolve().parents[1]
 A_PATCH = 5  # marker A's patch: row 1, col 1 of the 4x4 grid
@@ -63,7 +64,7 @@ class PlantedImages(Dataset):
 @pytest.fixture(scope="module")
 def planted_encoder(tmp_path_factory) -> Path:
     """A tiny SigLIP directory whose only outliers come from register neuron B (block 1)."""
-    model = build("siglip")
+    model = planted_vit("siglip")
     with torch.no_grad():
         model.encoder.layers[A[0]].mlp.fc2.weight[:, A[1]] = 0
     path = tmp_path_factory.mktemp("encoder") / "planted-siglip"
@@ -195,10 +196,10 @@ def dit_patch_tokens(backbone, x_t: Tensor, t: Tensor, y: Tensor) -> list[Tensor
     """LightningDiT's forward written out without hooks: the patch tokens (the last N) after every block."""
     x = backbone.x_embedder(x_t) + backbone.pos_embed
     c = backbone.t_embedder(t) + backbone.y_embedder(y)
-    rope, out = backbone.rope(with_registers=False), []
+    rope, out = backbone.rope_tables(with_registers=False), []
     for i, block in enumerate(backbone.blocks):
         if backbone.registers is not None and i == backbone.register_start:
-            x, rope = backbone.registers(x), backbone.rope(with_registers=True)
+            x, rope = backbone.registers(x), backbone.rope_tables(with_registers=True)
         x = block(x, c, rope=rope)
         out.append(x[:, x.shape[1] - math.prod(backbone.grid_size) :])
     return out
@@ -274,7 +275,7 @@ def test_dit_target_and_outlier_monitor_on_a_tiny_run(run_train, tmp_path):
 
 @pytest.mark.parametrize("head_num_registers", [None, 0])
 def test_dit_dh_trunk_and_head_blocks_leave_their_registers_out(head_num_registers):
-    from dsr.analyze import dit_statistics
+    from dsr.analysis.capture import dit_statistics
     from dsr.models.ddt import DiTDH
 
     torch.manual_seed(0)

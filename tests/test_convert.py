@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_ddt import TINY as DDT_TINY
+from helpers import DDT_TINY
 
 from dsr.convert import (
     compose_run_config,
@@ -697,7 +697,7 @@ def test_the_readme_import_commands_run_as_written_and_sample(tmp_path, monkeypa
         if module == "dsr.convert":
             converted.append(main([*args, *extra]))
         else:
-            from conftest import compose_script
+            from helpers import compose_script
 
             import dsr.sample
 

@@ -8,24 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONF_DIR, TINY_RUN
+from helpers import CONF_DIR, DDT_TINY, TINY_RUN
 
 from dsr.models.ddt import DiTDH
 from dsr.models.profile import count_parameters
-from dsr.registers.diffusion import register_grid
-
-TINY = dict(
-    input_size=4,
-    patch_size=2,
-    in_channels=3,
-    hidden_size=32,
-    depth=3,
-    num_heads=2,
-    head_hidden_size=48,
-    head_depth=2,
-    head_num_heads=2,
-    num_classes=5,
-)
+from dsr.models.registers import register_grid
 
 
 def randomize_(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -152,9 +139,9 @@ def exact_tables_(m: DiTDH) -> DiTDH:
         pad = torch.zeros(prefix, head_dim, dtype=torch.float64)
         return torch.cat([pad + 1, cos]), torch.cat([pad, sin])
 
-    m.rope_cos, m.rope_sin = tables(m.blocks[0].attn.head_dim, 0)
-    m.rope_cos_registers, m.rope_sin_registers = tables(m.blocks[0].attn.head_dim, m.num_registers)
-    m.head_rope_cos, m.head_rope_sin = tables(m.head_blocks[0].attn.head_dim, m.head_num_registers)
+    m.rope.cos, m.rope.sin = tables(m.blocks[0].attn.head_dim, 0)
+    m.rope.prefixed_cos, m.rope.prefixed_sin = tables(m.blocks[0].attn.head_dim, m.num_registers)
+    m.head_rope.prefixed_cos, m.head_rope.prefixed_sin = tables(m.head_blocks[0].attn.head_dim, m.head_num_registers)
     for bank in (m.registers, m.head_registers):
         if bank is not None:
             bank.pos_code = sincos(bank.tokens.shape[-1], *register_grid(bank.num_registers))[: bank.num_registers][
@@ -184,7 +171,7 @@ def inputs(shape=(3, 4, 4), batch: int = 3, seed: int = 0, dtype=torch.float64, 
 )
 def test_forward_matches_float64_reference(options):
     torch.manual_seed(0)
-    model = exact_tables_(randomize_(DiTDH(**{**TINY, **options}).double()))
+    model = exact_tables_(randomize_(DiTDH(**{**DDT_TINY, **options}).double()))
     size = options.get("input_size", 4)
     x, t, y = inputs(shape=(3, *((size, size) if isinstance(size, int) else size)))
     out = model(x, t, y)
@@ -196,13 +183,13 @@ def test_forward_matches_float64_reference(options):
 
 def test_init_is_identity_blocks_and_zero_output():
     torch.manual_seed(0)
-    model = DiTDH(**TINY, num_registers=4, register_start=1)
+    model = DiTDH(**DDT_TINY, num_registers=4, register_start=1)
     seen = []
     for blk in [*model.blocks, *model.head_blocks]:
         blk.register_forward_hook(lambda mod, args, out: seen.append(torch.equal(args[0], out)))
     x, t, y = inputs(dtype=torch.float32)
     out = model(x, t, y)
-    assert seen == [True] * (TINY["depth"] + TINY["head_depth"])
+    assert seen == [True] * (DDT_TINY["depth"] + DDT_TINY["head_depth"])
     assert torch.equal(out, torch.zeros_like(x))
     # Inner layers keep PyTorch's default init (the reference's DDT does no global xavier pass): not zero.
     assert model.head_blocks[0].attn.qkv.weight.abs().sum() > 0 and model.s_projector.weight.abs().sum() > 0
@@ -210,9 +197,9 @@ def test_init_is_identity_blocks_and_zero_output():
 
 def test_registers_change_the_output_but_not_its_shape():
     torch.manual_seed(0)
-    plain = randomize_(DiTDH(**TINY).double())
+    plain = randomize_(DiTDH(**DDT_TINY).double())
     torch.manual_seed(0)
-    with_registers = DiTDH(**TINY, num_registers=4, register_start=1).double()
+    with_registers = DiTDH(**DDT_TINY, num_registers=4, register_start=1).double()
     missing = with_registers.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert sorted(missing) == ["head_registers.tokens", "registers.tokens"]
     x, t, y = inputs()
@@ -224,8 +211,8 @@ def test_registers_change_the_output_but_not_its_shape():
 def test_register_tokens_see_identity_rope_and_leave_before_the_final_layer():
     R, start = 4, 1
     torch.manual_seed(0)
-    model = DiTDH(**TINY, num_registers=R, register_start=start)
-    n = (TINY["input_size"] // TINY["patch_size"]) ** 2
+    model = DiTDH(**DDT_TINY, num_registers=R, register_start=start)
+    n = (DDT_TINY["input_size"] // DDT_TINY["patch_size"]) ** 2
     trunk, head, final = [], [], []
     for blk in model.blocks:
         blk.register_forward_pre_hook(lambda m, a, k: trunk.append((a[0].shape[1], k["rope"])), with_kwargs=True)
@@ -236,7 +223,7 @@ def test_register_tokens_see_identity_rope_and_leave_before_the_final_layer():
     model.final_layer.register_forward_pre_hook(lambda m, a: final.append((a[0].shape[1], a[1].shape[1])))
     model(*inputs(dtype=torch.float32))
 
-    assert [length for length, _ in trunk] == [n] * start + [n + R] * (TINY["depth"] - start)
+    assert [length for length, _ in trunk] == [n] * start + [n + R] * (DDT_TINY["depth"] - start)
     plain_cos, plain_sin = trunk[0][1]
     assert plain_sin.abs().sum() > 0  # patches really rotate
     for _, (cos, sin) in trunk[start:]:
@@ -244,15 +231,15 @@ def test_register_tokens_see_identity_rope_and_leave_before_the_final_layer():
         assert torch.equal(cos[R:], plain_cos) and torch.equal(sin[R:], plain_sin)
     for x_shape, c_shape, (cos, sin) in head:
         assert x_shape[1] == c_shape[1] == n + R  # per-token condition, registers included
-        assert x_shape[2] == c_shape[2] == TINY["head_hidden_size"]
+        assert x_shape[2] == c_shape[2] == DDT_TINY["head_hidden_size"]
         assert torch.equal(cos[:R], torch.ones_like(cos[:R])) and torch.equal(sin[:R], torch.zeros_like(sin[:R]))
-        assert sin[R:].abs().sum() > 0 and cos.shape[1] == TINY["head_hidden_size"] // TINY["head_num_heads"]
+        assert sin[R:].abs().sum() > 0 and cos.shape[1] == DDT_TINY["head_hidden_size"] // DDT_TINY["head_num_heads"]
     assert final == [(n, n)]
 
 
 def test_gradient_reaches_both_register_banks():
     torch.manual_seed(0)
-    model = randomize_(DiTDH(**TINY, num_registers=4, register_start=1))
+    model = randomize_(DiTDH(**DDT_TINY, num_registers=4, register_start=1))
     model(*inputs(dtype=torch.float32)).square().mean().backward()
     for bank in (model.registers, model.head_registers):
         grad = bank.tokens.grad
@@ -264,7 +251,7 @@ def test_head_register_j_is_conditioned_by_trunk_register_j():
     from the trunk's registers (the DSR release keeps them through the hand-off) and rows [R:] from its patches."""
     R = 3
     torch.manual_seed(0)
-    model = randomize_(DiTDH(**TINY, num_registers=R, register_start=1).double())
+    model = randomize_(DiTDH(**DDT_TINY, num_registers=R, register_start=1).double())
     x, t, y = inputs()
     trunk_out, head_cond = [], []
     model.blocks[-1].register_forward_hook(lambda m, a, out: trunk_out.append(out))
@@ -277,11 +264,11 @@ def test_head_register_j_is_conditioned_by_trunk_register_j():
 
 def test_invalid_register_settings_name_the_setting():
     with pytest.raises(ValueError, match="head_num_registers"):
-        DiTDH(**TINY, num_registers=4, register_start=1, head_num_registers=3)
+        DiTDH(**DDT_TINY, num_registers=4, register_start=1, head_num_registers=3)
     with pytest.raises(ValueError, match="head_num_registers"):
-        DiTDH(**TINY, head_num_registers=2)
+        DiTDH(**DDT_TINY, head_num_registers=2)
     with pytest.raises(ValueError, match="register_start"):
-        DiTDH(**TINY, num_registers=4, register_start=TINY["depth"])
+        DiTDH(**DDT_TINY, num_registers=4, register_start=DDT_TINY["depth"])
 
 
 def expected_parameters(C: int, D_s: int, depth: int, D_x: int, head_depth: int, num_classes: int, R: int) -> int:

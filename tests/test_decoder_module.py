@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train
+from helpers import compose_train
 from hydra.utils import instantiate
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
@@ -170,6 +170,7 @@ def test_gan_term_and_discriminator_updates_start_on_schedule(tmp_path):
     assert opt_d.param_groups[0]["lr"] == pytest.approx(expected_lr)
 
 
+@pytest.mark.slow
 def test_accumulating_half_batches_equals_whole_batches(tmp_path):
     """k=2 micro-batches of 4 give the same decoder, EMA, discriminator and optimizer states as batches of 8 (the
     discriminator trains every step; the GAN term, whose adaptive weight is per micro-batch, is off)."""
@@ -199,6 +200,7 @@ def test_accumulating_half_batches_equals_whole_batches(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_validation_scores_the_ema_decoder(tmp_path, inception_weights, monkeypatch):
     monkeypatch.setenv("DSR_CACHE", str(tmp_path / "cache"))
     val = SyntheticShapes(num_samples=6, image_size=32, num_classes=8, seed=1)
@@ -227,6 +229,7 @@ def test_validation_scores_the_ema_decoder(tmp_path, inception_weights, monkeypa
     assert (tmp_path / "run" / "samples" / "step_0000000.png").is_file()
 
 
+@pytest.mark.slow
 def test_train_entry_point_exports_the_decoder_and_resumes_exactly(run_train, tmp_path, caplog):
     overrides = [
         *TINY_STAGE1,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dsr.models.dit import LightningDiT
 from dsr.models.profile import register_overhead
-from dsr.registers.diffusion import register_grid
+from dsr.models.registers import register_grid
 
 TINY = dict(input_size=4, patch_size=2, in_channels=3, hidden_size=32, depth=4, num_heads=2, num_classes=5)
 
@@ -123,10 +123,10 @@ def exact_tables_(model: LightningDiT) -> LightningDiT:
     rows = torch.arange(h_grid, dtype=torch.float64).repeat_interleave(w_grid)
     cols = torch.arange(w_grid, dtype=torch.float64).repeat(h_grid)
     angles = rope_angles(model.blocks[0].attn.head_dim, rows, cols)
-    model.rope_cos, model.rope_sin = angles.cos(), angles.sin()
+    model.rope.cos, model.rope.sin = angles.cos(), angles.sin()
     R = model.num_registers
     pad = torch.zeros(R, angles.shape[1], dtype=torch.float64)
-    model.rope_cos_registers, model.rope_sin_registers = (
+    model.rope.prefixed_cos, model.rope.prefixed_sin = (
         torch.cat([pad.cos(), angles.cos()]),
         torch.cat([pad.sin(), angles.sin()]),
     )
@@ -139,10 +139,10 @@ def test_fixed_tables_match_float64_recomputation():
     torch.manual_seed(0)
     model = LightningDiT(**TINY, num_registers=5, register_start=1)
     reference = exact_tables_(LightningDiT(**TINY, num_registers=5, register_start=1).double())
-    for name in ["pos_embed", "rope_cos", "rope_sin", "rope_cos_registers", "rope_sin_registers"]:
-        torch.testing.assert_close(getattr(model, name).double(), getattr(reference, name), rtol=0, atol=1e-6)
+    for name in ["pos_embed", "rope.cos", "rope.sin", "rope.prefixed_cos", "rope.prefixed_sin"]:
+        torch.testing.assert_close(model.get_buffer(name).double(), reference.get_buffer(name), rtol=0, atol=1e-6)
     torch.testing.assert_close(model.registers.pos_code.double(), reference.registers.pos_code, rtol=0, atol=1e-6)
-    assert model.rope_sin.abs().max() > 0.5
+    assert model.rope.sin.abs().max() > 0.5
 
 
 def inputs(batch: int = 3, seed: int = 0, dtype=torch.float64):
@@ -202,7 +202,7 @@ def test_zero_registers_is_the_plain_model_bit_for_bit():
     h = plain.x_embedder(x) + plain.pos_embed
     c = plain.t_embedder(t) + plain.y_embedder(y)
     for block in plain.blocks:
-        h = block(h, c, rope=(plain.rope_cos, plain.rope_sin))
+        h = block(h, c, rope=(plain.rope.cos, plain.rope.sin))
     expected = plain.unpatchify(plain.final_layer(h, c))
     assert torch.equal(plain(x, t, y), expected)
 

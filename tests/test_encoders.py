@@ -172,6 +172,7 @@ def test_missing_local_directory_names_the_setting():
         SigLIP2(pretrained="/no/such/model")
 
 
+@pytest.mark.slow
 def test_missing_hub_weights_fail_at_start_up_with_the_setting(tmp_path):
     """The real entry point, with an empty Hugging Face cache and no network: a clear error, before any training."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}

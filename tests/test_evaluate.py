@@ -19,17 +19,11 @@ from PIL import Image
 from torch_fidelity.metric_isc import isc_features_to_metric
 
 import dsr.evaluate
-from dsr.evaluate import (
-    FeatureStats,
-    InceptionFeatures,
-    evaluate,
-    frechet_distance,
-    inception_score,
-    load_images,
-    precision_recall,
-    reference_statistics,
-    resolve_inception_weights,
-)
+import dsr.metrics.evaluation
+from dsr.metrics.evaluation import evaluate
+from dsr.metrics.inception import InceptionFeatures, resolve_inception_weights
+from dsr.metrics.reference import load_images, reference_statistics
+from dsr.metrics.scores import FeatureStats, frechet_distance, inception_score, precision_recall
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -271,6 +265,7 @@ def test_inception_features_shapes(extractor):
     torch.testing.assert_close(batched_logits, logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fid_of_set_against_itself_is_zero(tmp_path, inception_weights):
     # The same images as a PNG folder (samples) and as an npz (reference): every distance must vanish.
     images = random_images(10, seed=10)
@@ -332,6 +327,7 @@ def test_statistics_only_reference_needs_no_features(tmp_path, extractor, count_
     assert stats.num_samples == 7
 
 
+@pytest.mark.slow
 def test_adm_reference_uses_its_mu_sigma(tmp_path, inception_weights, extractor, monkeypatch):
     rng = np.random.default_rng(15)
     ref_images, sample_images = random_images(10, seed=16), random_images(10, seed=17, high=128)
@@ -356,7 +352,7 @@ def test_adm_reference_uses_its_mu_sigma(tmp_path, inception_weights, extractor,
         calls.append((a, b, frechet_distance(a, b)))
         return calls[-1][2]
 
-    monkeypatch.setattr(dsr.evaluate, "frechet_distance", recorded)
+    monkeypatch.setattr(dsr.metrics.evaluation, "frechet_distance", recorded)
     metrics = evaluate(
         tmp_path / "samples.npz", tmp_path / "VIRTUAL_ref.npz", inception_weights, cache_dir=tmp_path / "cache"
     )
@@ -425,6 +421,7 @@ def test_cli_missing_weights(no_weights_env, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path, inception_weights, monkeypatch, capsys):
     # In-process (argv -> Hydra -> config -> evaluate -> JSON) to skip a second cold start of torch and Inception; the
     # `python -m` entry point itself runs in test_cli_missing_weights.

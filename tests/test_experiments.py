@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compose_script, compose_train
+from helpers import compose_script, compose_train
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
@@ -290,6 +290,7 @@ def test_readme_prerequisites_cover_every_artifact_pair(tmp_path):
         assert f"`{pair[0]}-{pair[1]}`" in README.read_text()
 
 
+@pytest.mark.slow
 def test_cli_prints_resolved_row(tmp_path):
     """The real entry point composes and resolves a DSR row (`--cfg job --resolve` prints it without running)."""
     env = {**os.environ, "DSR_OUTPUT_ROOT": str(tmp_path / "outputs"), "PYTHONPATH": str(ROOT)}

@@ -7,11 +7,13 @@ import math
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN, compose_train
+from helpers import TINY_RUN, compose_train
 
-from dsr.evaluate import FeatureStats, InceptionFeatures, frechet_distance, inception_score, load_images
+from dsr.diffusion.generation import generate_shard
 from dsr.lightning.dit_module import DiTModule
-from dsr.sample import generate_shard
+from dsr.metrics.inception import InceptionFeatures
+from dsr.metrics.reference import load_images
+from dsr.metrics.scores import FeatureStats, frechet_distance, inception_score
 
 
 @pytest.fixture
@@ -26,6 +28,7 @@ def reference_npz(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_fid_callback_logs_the_offline_metrics(run_train, inception_weights, reference_npz, tmp_path):
     fid = [
         "callbacks.fid.every_n_steps=3",

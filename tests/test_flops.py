@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from conftest import CONF_DIR
+from helpers import CONF_DIR
 from omegaconf import OmegaConf
 
 from dsr.models.ddt import DiTDH

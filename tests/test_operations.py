@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN, compose_train
+from helpers import TINY_RUN, compose_train
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +113,7 @@ def test_wandb_offline_run_holds_metrics_config_and_images(run_train):
 # ------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ddp_gloo_two_processes_end_with_the_same_weights(tmp_path):
     dump = tmp_path / "weights"
     cli(
@@ -149,6 +150,7 @@ def checkpoint_free_init(tmp_path: Path) -> dict[str, torch.Tensor]:
     return instantiate(cfg.module).backbone.state_dict()
 
 
+@pytest.mark.slow
 def test_sweep_through_the_local_submitit_launcher(tmp_path):
     """`-m` with cluster=submitit_local: two jobs as separate processes, each with its own run directory."""
     overrides = [o for o in TINY_RUN if not o.startswith("backbone.depth")]
@@ -176,6 +178,7 @@ def test_sweep_through_the_local_submitit_launcher(tmp_path):
     assert list((tmp_path / "out" / "depths" / ".submitit").glob("*/*_log.out"))  # submitit's own job logs
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_the_same_command_resumes_to_the_same_weights(tmp_path):
     args = [
         *[o for o in TINY_RUN if not o.startswith("trainer.max_steps")],

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dsr.registers.outliers import (
+from dsr.analysis.outliers import (
     fraction_above,
     grid_position,
     layer_statistics,

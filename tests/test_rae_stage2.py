@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_script, compose_train
+from helpers import compose_script, compose_train
 from hydra.utils import instantiate
 
 from dsr.lightning.dit_module import DiTModule
@@ -103,7 +103,7 @@ def test_cached_latents_train_exactly_like_images(run_train, artifacts, tmp_path
 
 
 def test_missing_statistics_fail_at_start_up(tmp_path):
-    from dsr.train import build
+    from dsr.config import build
 
     cfg = compose_train([*TINY_RAE, f"paths.artifacts={tmp_path / 'none'}"], tmp_path / "run")
     with pytest.raises(FileNotFoundError, match=r"encoder.stats=.*stats.pt does not exist: compute them with"):
@@ -111,7 +111,8 @@ def test_missing_statistics_fail_at_start_up(tmp_path):
 
 
 def test_init_from_loads_a_checkpoints_weights_into_a_new_run(run_train, artifacts, tmp_path):
-    from dsr.train import build, initialize_from
+    from dsr.config import build
+    from dsr.train import initialize_from
 
     _, run_dir = run_train([*TINY_RAE, f"paths.artifacts={artifacts}", "trainer.max_steps=2"], name="source")
     source = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR, TINY_RUN, compose_train
+from helpers import CONF_DIR, TINY_RUN, compose_train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,6 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import dsr.sample as sample
+from dsr.diffusion import generation
+from dsr.utils.images import to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4  # TINY_RUN's data.num_classes
@@ -74,24 +76,24 @@ def loaded_module(ckpt: Path, cfg: DictConfig):
 
 
 def test_shards_labels_and_noise_are_functions_of_the_index():
-    assert sample.shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
-    assert sample.shard_ranges(8, 4) == [(0, 4), (4, 8)]
-    assert sample.shard_ranges(1, 1000) == [(0, 1)]
+    assert generation.shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert generation.shard_ranges(8, 4) == [(0, 4), (4, 8)]
+    assert generation.shard_ranges(1, 1000) == [(0, 1)]
     with pytest.raises(ValueError, match="num_samples"):
-        sample.shard_ranges(0, 4)
-    np.testing.assert_array_equal(sample.labels_for([0, 1, 5, 999, 1000], 1000), [0, 1, 5, 999, 0])
-    assert sample.labels_for(range(50_000), 1000).dtype == np.int64
-    assert (np.bincount(sample.labels_for(range(50_000), 1000)) == 50).all()
+        generation.shard_ranges(0, 4)
+    np.testing.assert_array_equal(generation.labels_for([0, 1, 5, 999, 1000], 1000), [0, 1, 5, 999, 0])
+    assert generation.labels_for(range(50_000), 1000).dtype == np.int64
+    assert (np.bincount(generation.labels_for(range(50_000), 1000)) == 50).all()
 
-    batch = sample.noise_for([3, 7, 11], (2, 4, 4), seed=5)
+    batch = generation.noise_for([3, 7, 11], (2, 4, 4), seed=5)
     assert batch.shape == (3, 2, 4, 4) and batch.dtype == torch.float32
-    assert torch.equal(batch[1], sample.noise_for([7], (2, 4, 4), seed=5)[0])
+    assert torch.equal(batch[1], generation.noise_for([7], (2, 4, 4), seed=5)[0])
     assert not torch.equal(batch[0], batch[1])
-    assert not torch.equal(batch[1], sample.noise_for([7], (2, 4, 4), seed=6)[0])
+    assert not torch.equal(batch[1], generation.noise_for([7], (2, 4, 4), seed=6)[0])
 
     images = torch.tensor([0.0, 0.5 / 255, 0.51 / 255, 1.0, 1.2, -0.1]).reshape(1, 3, 1, 2)
     # Channels [0, .5], [.51, 255], [306, -25.5] (in units of 1/255) -> pixels (R, G, B) in HWC order.
-    np.testing.assert_array_equal(sample.to_uint8(images), [[[[0, 1, 255], [0, 255, 0]]]])
+    np.testing.assert_array_equal(to_uint8(images), [[[[0, 1, 255], [0, 255, 0]]]])
 
 
 @pytest.mark.parametrize(
@@ -118,14 +120,14 @@ def test_image_is_same_alone_in_any_batch_and_layout(ckpt, tmp_path, sampler_ove
     cfg = compose_sample([f"ckpt={ckpt}", *FAST, "num_samples=50000", *sampler_overrides])
     module = loaded_module(ckpt, cfg)
     for i in (0, 5, 9):
-        alone, label = sample.generate_shard(module, [i], num_classes=NUM_CLASSES, seed=0, batch_size=1)
+        alone, label = generation.generate_shard(module, [i], num_classes=NUM_CLASSES, seed=0, batch_size=1)
         assert label.tolist() == [i % NUM_CLASSES]
         np.testing.assert_array_equal(alone[0], images[i])
     # A batch of scattered indices too.
-    picked, _ = sample.generate_shard(module, [9, 2, 6], num_classes=NUM_CLASSES, seed=0, batch_size=8)
+    picked, _ = generation.generate_shard(module, [9, 2, 6], num_classes=NUM_CLASSES, seed=0, batch_size=8)
     np.testing.assert_array_equal(picked, images[[9, 2, 6]])
     # Another seed changes the images.
-    reseeded, _ = sample.generate_shard(module, [5], num_classes=NUM_CLASSES, seed=1, batch_size=1)
+    reseeded, _ = generation.generate_shard(module, [5], num_classes=NUM_CLASSES, seed=1, batch_size=1)
     assert not np.array_equal(reseeded[0], images[5])
 
 
@@ -241,6 +243,7 @@ def test_refuses_bad_settings(ckpt, tmp_path):
     assert str(missing) in str(err.value)
 
 
+@pytest.mark.slow
 def test_cli(ckpt, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "cli"

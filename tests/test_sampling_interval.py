@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN, compose_train
+from helpers import TINY_RUN, compose_train
 
+from dsr.config import build
 from dsr.diffusion.samplers import ODESampler, SDESampler
 from dsr.lightning.dit_module import DiTModule
-from dsr.train import build
 
 S = math.sqrt(48)  # the release's shift for 768 x 16 x 16 latents (shift_dim 196608)
 N = 50

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, TINY_RUN, compose_train
+from helpers import CONF_DIR, TINY_RUN, compose_train
 from hydra.utils import instantiate
 
 from dsr.data.datamodule import BatchPlan
@@ -100,6 +100,7 @@ def mean_red_minus_green(images: torch.Tensor) -> torch.Tensor:
     return (images[:, 0] - images[:, 1]).mean(dim=(1, 2))
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_the_requested_class(run_train):
     """Two classes that differ only in colour (red vs green disks): after a short training run, EMA samples
     of each class have that class's colour. Conditioning, loss, sampler and EMA all have to work."""

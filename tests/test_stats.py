@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_script
+from helpers import compose_script
 from hydra.utils import instantiate
 
 from dsr.data.latents import CachedLatents, FlipSampler
-from dsr.stats import Moments, subset_indices
+from dsr.data.views import subset_indices
+from dsr.stats import Moments
 
 TINY_DATA = ["encoder=tiny", "decoder=tiny", "data=synthetic", "data.dataset.num_samples=40", "accelerator=cpu",
              "devices=1"]  # fmt: skip
@@ -78,9 +79,9 @@ def test_latent_cache_reads_back_both_views(tmp_path):
     assert len(dataset) == 40 and dataset.num_views == 2 and dataset.latent_shape == tuple(latents.shape[2:])
     for i in (0, 15, 16, 39):  # across shard boundaries
         for view in (0, 1):
-            item = dataset[(i, view)]
-            torch.testing.assert_close(item["latents"], latents[i, view], atol=1e-5, rtol=1e-5)
-            assert item["y"] == labels[i]
+            item_latents, item_y = dataset[(i, view)]
+            torch.testing.assert_close(item_latents, latents[i, view], atol=1e-5, rtol=1e-5)
+            assert item_y == labels[i]
     # A second run finds every shard and rewrites nothing; other settings are refused.
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("latents_*.npy")}
     run(cfg)
@@ -113,6 +114,7 @@ def test_flip_sampler_draws_one_view_per_image_per_epoch(tmp_path):
     assert [v for _, v in sorted(sampler)] != [v for _, v in sorted(first)]
 
 
+@pytest.mark.slow
 def test_two_ranks_reduce_to_the_single_process_statistics(tmp_path):
     """`devices=2` on the CPU (gloo): each rank takes every other image and the moments are merged across ranks."""
     import os

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN, compose_train
+from helpers import TINY_RUN, compose_train
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +19,7 @@ def last_checkpoint(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
 
+@pytest.mark.slow
 def test_cli_runs_through_hydra_and_writes_its_outputs(tmp_path):
     run_dir = tmp_path / "cli run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

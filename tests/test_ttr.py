@@ -14,121 +14,30 @@ from __future__ import annotations
 import json
 
 import pytest
-import timm
 import torch
+from helpers import THRESHOLD, A, B, planted_images, planted_vit
 from torch import Tensor, nn
 from transformers import (
-    Dinov2WithRegistersConfig,
-    Dinov2WithRegistersModel,
     Siglip2VisionConfig,
     Siglip2VisionModel,
-    SiglipVisionConfig,
-    SiglipVisionModel,
 )
 
+from dsr.analysis.outliers import max_median_ratio, token_norms
 from dsr.registers import ttr
-from dsr.registers.outliers import max_median_ratio, token_norms
-from dsr.registers.ttr import (
+from dsr.registers.hooks import ViTAdapter, capture_residual_stream
+from dsr.registers.neurons import (
     NoOutliersError,
     RegisterNeuron,
     RegisterNeuronSet,
-    ViTAdapter,
-    capture_residual_stream,
     discover_recursive,
     discover_register_neurons,
     load_register_neurons,
     merge_layer_dicts,
-    signed_max,
 )
+from dsr.registers.ttr import signed_max
 
 FAMILIES = ("siglip", "dinov2", "timm")
 NUM_PREFIX = {"siglip": 0, "dinov2": 5, "timm": 3}
-A, B = (0, 7), (1, 21)  # (layer, neuron) of the strong and the weak planted register neuron
-THRESHOLD = 20.0  # between normal patch norms (~4-10) and both planted populations (>= 25)
-MARKER = 8.0
-
-
-@torch.no_grad()
-def _plant(conv: nn.Conv2d, pos: Tensor, prefix: list[Tensor], blocks: nn.ModuleList, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    # Content of moderate norm (~3-4) from input channel 2, so the markers stand out after LayerNorm.
-    conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
-    pos.copy_(torch.randn(pos.shape, generator=g) * 0.3)
-    area = conv.kernel_size[0] * conv.kernel_size[1]
-    for channel in (0, 1):  # residual dim `channel` = mean of input channel `channel` over the patch, nothing else
-        conv.weight[:, channel] = 0
-        conv.weight[channel] = 0
-        conv.weight[channel, channel] = 1.0 / area
-        conv.bias[channel] = 0
-    for t in (pos, *prefix):
-        t[..., :2] = 0
-    width = conv.out_channels
-    for (layer, neuron), dim, gain, write_norm in ((A, 0, 8.0, 6.0), (B, 1, 4.0, 6.0)):
-        mlp = blocks[layer].mlp
-        mlp.fc1.weight[neuron] = 0
-        mlp.fc1.weight[neuron, dim] = gain
-        mlp.fc1.bias[neuron] = -2.5 * gain  # fires only where the normalised marker dim exceeds 2.5
-        write = torch.randn(width, generator=g)
-        write[:2] = 0
-        mlp.fc2.weight[:, neuron] = write / write.norm() * write_norm
-
-
-def build(family: str, *, clean: bool = False) -> nn.Module:
-    """A tiny encoder of `family` with the planted neurons (silenced when `clean`), in eval mode."""
-    torch.manual_seed(0)
-    if family == "siglip":
-        config = SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=16,
-            patch_size=4,
-        )
-        model = SiglipVisionModel(config)
-        emb = model.embeddings
-        _plant(emb.patch_embedding, emb.position_embedding.weight, [], model.encoder.layers)
-        blocks = model.encoder.layers
-    elif family == "dinov2":
-        config = Dinov2WithRegistersConfig(
-            hidden_size=32,
-            mlp_ratio=2,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=16,
-            patch_size=4,
-            num_register_tokens=4,
-        )
-        model = Dinov2WithRegistersModel(config)
-        emb = model.embeddings
-        prefix = [emb.cls_token, emb.register_tokens]
-        _plant(emb.patch_embeddings.projection, emb.position_embeddings, prefix, model.encoder.layer)
-        blocks = model.encoder.layer
-    else:
-        model = timm.models.vision_transformer.VisionTransformer(
-            img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, mlp_ratio=2, reg_tokens=2, num_classes=0
-        )
-        _plant(model.patch_embed.proj, model.pos_embed, [model.cls_token, model.reg_token], model.blocks)
-        blocks = model.blocks
-    if clean:
-        with torch.no_grad():
-            for layer, neuron in (A, B):
-                blocks[layer].mlp.fc2.weight[:, neuron] = 0
-    return model.eval()
-
-
-def planted_images(n: int, seed: int = 2, a_patch: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Images [n, 3, 16, 16] with marker A and marker B on two different random patches; returns (x, pa, pb)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, 16, 16, generator=g) - 0.5
-    x[:, :2] *= 0.2
-    pa = torch.randint(0, 16, (n,), generator=g) if a_patch is None else torch.full((n,), a_patch)
-    pb = (pa + 1 + torch.randint(0, 15, (n,), generator=g)) % 16
-    for i in range(n):
-        (ra, ca), (rb, cb) = divmod(int(pa[i]), 4), divmod(int(pb[i]), 4)
-        x[i, 0, 4 * ra : 4 * ra + 4, 4 * ca : 4 * ca + 4] = MARKER
-        x[i, 1, 4 * rb : 4 * rb + 4, 4 * cb : 4 * cb + 4] = MARKER
-    return x, pa, pb
 
 
 def last_layer_ratio(model: nn.Module, x: Tensor) -> float:
@@ -154,7 +63,7 @@ def activation_of(model: nn.Module, layer: int, x: Tensor) -> Tensor:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_finds_hook_points(family):
-    model = build(family)
+    model = planted_vit(family)
     adapter = ViTAdapter.from_model(model)
     assert adapter.num_layers == 3 and adapter.mlp_hidden_size == 64
     assert adapter.num_prefix_tokens == NUM_PREFIX[family]
@@ -170,7 +79,7 @@ def test_adapter_rejects_naflex_siglip2_and_bad_settings():
     )
     with pytest.raises(ValueError, match="FixRes"):
         ViTAdapter.from_model(Siglip2VisionModel(config))
-    model = build("siglip")
+    model = planted_vit("siglip")
     with pytest.raises(ValueError, match="register neuron layer=5"):
         ttr.TestTimeRegisters(model, {5: [1]})
     with pytest.raises(ValueError, match="out of range for MLP width 64"):
@@ -180,7 +89,7 @@ def test_adapter_rejects_naflex_siglip2_and_bad_settings():
 
 
 def test_capture_equals_hugging_face_hidden_states():
-    model = build("dinov2")
+    model = planted_vit("dinov2")
     x = planted_images(2)[0]
     with torch.no_grad():
         reference = model(pixel_values=x, output_hidden_states=True).hidden_states[1:]  # after each block
@@ -192,7 +101,7 @@ def test_capture_equals_hugging_face_hidden_states():
 
 
 def test_capture_equals_manual_timm_block_loop():
-    model = build("timm")
+    model = planted_vit("timm")
     x = planted_images(2)[0]
     with torch.no_grad():
         h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
@@ -211,7 +120,7 @@ def test_capture_equals_manual_timm_block_loop():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_discovery_ranks_planted_neurons_first_with_hand_computed_scores(family):
-    model = build(family)
+    model = planted_vit(family)
     x, pa, pb = planted_images(6)
     found = discover_register_neurons(model, x, threshold=THRESHOLD, top_k=3, batch_size=4)
     assert (found[0].layer, found[0].neuron) == A
@@ -233,7 +142,7 @@ def test_discovery_ranks_planted_neurons_first_with_hand_computed_scores(family)
 
 
 def test_discovery_layer_range_exclude_and_no_outliers():
-    model = build("siglip")
+    model = planted_vit("siglip")
     x = planted_images(4)[0]
     only_later = discover_register_neurons(model, x, threshold=THRESHOLD, top_k=1, layer_range=(1, 2))
     assert (only_later[0].layer, only_later[0].neuron) == B
@@ -249,7 +158,7 @@ def test_discovery_layer_range_exclude_and_no_outliers():
 
 
 def test_sparsity_filter_drops_a_neuron_active_everywhere():
-    model = build("siglip")
+    model = planted_vit("siglip")
     with torch.no_grad():  # neuron (2, 30): large activation at every token, no effect on the residual stream
         model.encoder.layers[2].mlp.fc1.weight[30] = 0
         model.encoder.layers[2].mlp.fc1.bias[30] = 50.0
@@ -268,7 +177,7 @@ def test_sparsity_filter_drops_a_neuron_active_everywhere():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ttr_moves_the_high_norm_onto_the_register(family):
-    model, clean = build(family), build(family, clean=True)
+    model, clean = planted_vit(family), planted_vit(family, clean=True)
     x, pa, pb = planted_images(8)
     neurons = {A[0]: [A[1]], B[0]: [B[1]]}
     before, reference = last_layer_ratio(model, x), last_layer_ratio(clean, x)
@@ -311,7 +220,7 @@ def hand_signed_max(values: Tensor) -> Tensor:
 
 def test_redirect_rule_by_hand():
     """At each register neuron: register <- signed max over patches (jointly over neurons), patches <- 0."""
-    model = build("dinov2")  # tokens: CLS, 4 trained registers, 16 patches, then the test-time registers
+    model = planted_vit("dinov2")  # tokens: CLS, 4 trained registers, 16 patches, then the test-time registers
     _, pa, _ = planted_images(3)
     neurons = [7, 3, 12]
     original, edited = edited_activation(model, neurons, num_registers=2)
@@ -346,7 +255,7 @@ def test_signed_max_keeps_the_sign_of_the_largest_magnitude():
 
 def test_release_compatible_indexing_misses_patch_zero_on_siglip():
     """The release skips token 0 as if it were a CLS token; SigLIP has none, so an outlier at patch 0 survives."""
-    model, clean = build("siglip"), build("siglip", clean=True)
+    model, clean = planted_vit("siglip"), planted_vit("siglip", clean=True)
     x = planted_images(4, a_patch=0)[0]
     neurons = {A[0]: [A[1]], B[0]: [B[1]]}
     reference = last_layer_ratio(clean, x)
@@ -362,7 +271,7 @@ def test_release_compatible_indexing_misses_patch_zero_on_siglip():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ttr_keeps_output_shape_and_batch_elements_independent(family):
-    model = build(family)
+    model = planted_vit(family)
     adapter = ViTAdapter.from_model(model)
     x = planted_images(4)[0]
     with torch.no_grad():
@@ -378,7 +287,7 @@ def test_ttr_keeps_output_shape_and_batch_elements_independent(family):
 
 
 def test_hugging_face_outputs_and_pooling_heads_see_no_registers():
-    model = build("siglip")  # has a MAP pooling head after post_layernorm
+    model = planted_vit("siglip")  # has a MAP pooling head after post_layernorm
     x = planted_images(2)[0]
     with torch.no_grad(), ttr.TestTimeRegisters(model, {0: [7]}):
         out = model(pixel_values=x)
@@ -387,7 +296,7 @@ def test_hugging_face_outputs_and_pooling_heads_see_no_registers():
 
 
 def test_final_norm_swapped_before_install_is_the_one_hooked():
-    model = build("siglip")
+    model = planted_vit("siglip")
     model.post_layernorm = nn.LayerNorm(32, elementwise_affine=False, eps=1e-6)  # what an RAE wrapper does
     x = planted_images(2)[0]
     with torch.no_grad(), ttr.TestTimeRegisters(model, {0: [7]}):
@@ -397,7 +306,7 @@ def test_final_norm_swapped_before_install_is_the_one_hooked():
 
 
 def test_install_remove_empty_and_autograd():
-    model = build("timm")
+    model = planted_vit("timm")
     x = planted_images(2)[0]
     registers = ttr.TestTimeRegisters(model, {0: [7]}).install()
     assert registers.installed
@@ -417,7 +326,7 @@ def test_install_remove_empty_and_autograd():
 
 
 def test_stacked_test_time_registers_strip_their_own_tokens():
-    model, clean = build("siglip"), build("siglip", clean=True)
+    model, clean = planted_vit("siglip"), planted_vit("siglip", clean=True)
     x = planted_images(4)[0]
     with ttr.TestTimeRegisters(model, {0: [7]}), ttr.TestTimeRegisters(model, {1: [21]}, num_registers=2):
         assert capture_residual_stream(model, x, patches_only=False)[0].shape[1] == 16 + 1 + 2
@@ -432,7 +341,7 @@ def test_stacked_test_time_registers_strip_their_own_tokens():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_round_leaves_the_weaker_population_and_recursion_removes_it(family):
-    model, clean = build(family), build(family, clean=True)
+    model, clean = planted_vit(family), planted_vit(family, clean=True)
     x, _, pb = planted_images(8)
     reference = last_layer_ratio(clean, x)
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import TINY_RUN, compose_script, compose_train
+from helpers import TINY_RUN, compose_script, compose_train
 from hydra.utils import instantiate
 from PIL import Image
 from torchvision.datasets import ImageFolder

@@ -77,6 +77,11 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.plan: BatchPlan | None = None
 
+    @property
+    def yields_latents(self) -> bool:
+        """Whether a batch's x holds raw latents (a latent cache) rather than images."""
+        return getattr(self.dataset, "yields_latents", False)
+
     def configure_batches(self, world_size: int) -> BatchPlan:
         """Fix the per-device batch for `world_size` devices; the trainer must accumulate `plan.accumulate`."""
         self.plan = BatchPlan.derive(self.global_batch_size, world_size, self.micro_batch_size)

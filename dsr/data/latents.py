@@ -9,14 +9,15 @@ Layout of a cache directory:
 View 0 is the image as loaded (centre-cropped), view 1 (when cached) its mirror image. The latents are raw, so
 new statistics need no new cache. Shards are memory-mapped: a worker touches only the rows it reads.
 
-`CachedLatents[i]` is image i's first view; `CachedLatents[(i, v)]` its view v. `FlipSampler` is the
+`CachedLatents[i]` is (raw latents [C, h, w], label) of image i's first view; `CachedLatents[(i, v)]` its view v.
+Like every dataset here it yields (x, y) pairs; `yields_latents` tells stage 2 that x needs normalising, not
+encoding. `FlipSampler` is the
 `DistributedSampler` for it: each epoch it picks one view per image from a generator keyed by (seed, epoch), the
 cached counterpart of a random horizontal flip that stays exactly reproducible on resume.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-MANIFEST = "manifest.json"
+from dsr.utils import files
+
 _HINT = "write a cache with `python -m dsr.cache_latents encoder=<name> data=<dataset>` or set data.dataset.root"
 
 
@@ -37,14 +39,13 @@ def labels_path(root: str | Path, shard: int) -> Path:
 
 
 def read_manifest(root: str | Path) -> dict:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"data.dataset.root={root}: no {MANIFEST} (an incomplete or missing cache); {_HINT}")
-    return json.loads(path.read_text())
+    return files.read_manifest(root, "data.dataset.root", _HINT)
 
 
 class CachedLatents(Dataset):
     """Items `{"latents": float32 [C, h, w], "y": int}` from a latent cache directory."""
+
+    yields_latents = True  # x is raw latents (stage 2 normalises them) rather than images (which it encodes)
 
     def __init__(self, root: str | None) -> None:
         if root is None:
@@ -68,11 +69,11 @@ class CachedLatents(Dataset):
             self._shards[shard] = np.load(latents_path(self.root, shard), mmap_mode="r")
         return self._shards[shard]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, view = key if isinstance(key, tuple) else (key, 0)
         shard, row = divmod(int(index), self.shard_size)
         latents = torch.from_numpy(np.asarray(self._shard(shard)[row, view], dtype=np.float32))
-        return {"latents": latents, "y": int(self.labels[index])}
+        return latents, int(self.labels[index])
 
     def check_encoder(self, encoder: Mapping, latent_shape: tuple[int, ...]) -> None:
         """Fail at start-up if the cache was written by another encoder (or other encoder settings)."""

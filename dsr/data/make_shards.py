@@ -18,7 +18,6 @@ a folder without one is incomplete, and the reader refuses it.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import multiprocessing
 import os
@@ -35,11 +34,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from tqdm.auto import tqdm
 
 from dsr.data.transforms import center_crop_arr
-from dsr.utils.files import atomic_write, guard_settings
+from dsr.utils.files import atomic_write, guard_settings, write_manifest
 
 log = logging.getLogger("dsr.make_shards")
 
-MANIFEST = "manifest.json"  # written last: its presence means the folder is complete
 FORMATS = {"png": "PNG", "jpg": "JPEG"}  # tar member extension -> PIL format
 _SOURCE_HINT = "set source=/path/to/imagenet/train (or $IMAGENET_TRAIN_DIR): a folder with one sub-folder per class"
 
@@ -208,7 +206,7 @@ def write_shards(
         "source": source,
         "skipped": skipped,
     }
-    atomic_write(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    write_manifest(out_dir, manifest)
     written = sum(r.written for r in results)
     print(
         f"{manifest['num_samples']} images in {len(results)} shards ({written} written now, "

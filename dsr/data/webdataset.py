@@ -21,7 +21,6 @@ own running count).
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import random
@@ -36,7 +35,8 @@ from torch.utils.data import default_collate, get_worker_info
 from torchvision.transforms import functional as TF
 
 from dsr.data.datamodule import BatchPlan
-from dsr.data.make_shards import MANIFEST
+from dsr.utils import files
+from dsr.utils.files import MANIFEST
 
 log = logging.getLogger("dsr.data.webdataset")
 
@@ -52,10 +52,7 @@ def read_manifest(root: str | Path | None) -> dict:
     """The manifest of a complete shard folder; FileNotFoundError saying what to set when there is none."""
     if root is None or str(root) == "":
         raise FileNotFoundError(f"data.root is not set: {_HINT}")
-    path = Path(root).expanduser() / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"data.root={str(root)!r} has no {MANIFEST} (missing, or still being written): {_HINT}")
-    return json.loads(path.read_text())
+    return files.read_manifest(root, "data.root", _HINT)
 
 
 class SharedEpoch:

@@ -79,6 +79,12 @@ def sample_logit_normal(
     return t.clamp(t_min, t_max).float()
 
 
+def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) x + t noise for x, noise [B, ...] and t [B]."""
+    t = _bcast(t, x)
+    return (1.0 - t) * x + t * noise
+
+
 def score_from_velocity(v: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
     """The score grad log p_t(x_t) implied by a velocity v [B, ...] at times t [B] (valid for t > 0).
 
@@ -103,6 +109,7 @@ class LossOutput:
 class Transport:
     """Linear (rectified-flow) transport between data at t = 0 and Gaussian noise at t = 1."""
 
+    interpolate = staticmethod(interpolate)
     score_from_velocity = staticmethod(score_from_velocity)
 
     def __init__(
@@ -153,11 +160,6 @@ class Transport:
         if self.shift_dim is not None:
             return math.sqrt(self.shift_dim / self.shift_base_dim)
         return resolution_shift(latent_shape, self.shift_base_dim)
-
-    def interpolate(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """x_t = (1 - t) x + t noise for x, noise [B, ...] and t [B]."""
-        t = _bcast(t, x)
-        return (1.0 - t) * x + t * noise
 
     def target_velocity(self, x: Tensor, noise: Tensor) -> Tensor:
         """The conditional velocity dx_t / dt = noise - x."""

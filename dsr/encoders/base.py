@@ -18,6 +18,10 @@ class LatentCodec(Protocol):
         """[B, 3, H, W] in [0, 1] -> [B, C, h, w] (normalised latents)."""
         ...
 
+    def normalize(self, z: Tensor) -> Tensor:
+        """Raw latents [B, C, h, w] (as a latent cache stores them) -> normalised latents, as `encode` returns them."""
+        ...
+
     def decode(self, z: Tensor) -> Tensor:
         """[B, C, h, w] -> [B, 3, H, W], roughly in [0, 1] (clamp before saving)."""
         ...

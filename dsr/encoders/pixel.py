@@ -34,6 +34,10 @@ class PixelEncoder(nn.Module):
             )
         return F.pixel_unshuffle(images * 2 - 1, self.patch_size)
 
+    def normalize(self, z: Tensor) -> Tensor:
+        """Pixel latents need no statistics: raw and normalised are the same [-1, 1] patches."""
+        return z
+
     def decode(self, z: Tensor) -> Tensor:
         """[B, 3 p^2, h, w] -> [B, 3, h p, w p] in [0, 1] (unclamped)."""
         return (F.pixel_shuffle(z, self.patch_size) + 1) / 2

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsr.registers.ttr import TestTimeRegisters, load_register_neurons
+from dsr.registers.neurons import load_register_neurons
+from dsr.registers.ttr import TestTimeRegisters
 from dsr.utils.frozen import keep_frozen_in_eval, mark_frozen
 
 log = logging.getLogger(__name__)

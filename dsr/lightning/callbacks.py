@@ -140,7 +140,7 @@ class FIDEvaluation(EveryNSteps):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.every_n_steps:
             return
-        from dsr.evaluate import resolve_inception_weights
+        from dsr.metrics.inception import resolve_inception_weights
 
         if not self.reference:
             raise ValueError(
@@ -156,16 +156,10 @@ class FIDEvaluation(EveryNSteps):
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        from dsr.evaluate import (
-            FeatureStats,
-            InceptionFeatures,
-            default_cache_dir,
-            frechet_distance,
-            inception_score,
-            precision_recall,
-            reference_statistics,
-        )
-        from dsr.sample import generate_shard
+        from dsr.diffusion.generation import generate_shard
+        from dsr.metrics.inception import InceptionFeatures
+        from dsr.metrics.reference import default_cache_dir, reference_statistics
+        from dsr.metrics.scores import FeatureStats, frechet_distance, inception_score, precision_recall
 
         world, rank = trainer.world_size, trainer.global_rank
         per_rank = -(-self.num_samples // world)
@@ -272,9 +266,7 @@ class OutlierMonitor(EveryNSteps):
         keeps = trainer.is_global_zero or sharded(trainer)  # the ranks that will measure
         if self.every_n_steps and self._fixed is None and self._first_batch is None and keeps:
             if self._training_set(trainer) is None:  # a stream: keep the first rows of the first batch
-                rows = [(k, v) for k, v in batch.items()] if isinstance(batch, dict) else list(enumerate(batch))
-                kept = {k: v[: self.num_samples].detach().clone().cpu() for k, v in rows}
-                self._first_batch = kept if isinstance(batch, dict) else list(kept.values())
+                self._first_batch = [v[: self.num_samples].detach().clone().cpu() for v in batch]
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def fixed_batch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[torch.Tensor, ...]:
@@ -287,12 +279,9 @@ class OutlierMonitor(EveryNSteps):
                 batch = default_collate([dataset[i] for i in range(min(self.num_samples, len(dataset)))])
             else:
                 batch = self._first_batch
-            if isinstance(batch, dict):
-                batch = {k: v.to(pl_module.device) for k, v in batch.items()}
-            else:
-                batch = [b.to(pl_module.device) for b in batch]
+            x, y = batch
             with torch.no_grad():
-                z, y = pl_module.latents(batch)
+                z, y = pl_module.latents((x.to(pl_module.device), y.to(pl_module.device)))
             generator = torch.Generator().manual_seed(self.seed)
             noise = torch.randn(z.shape, generator=generator)  # on the CPU: the same on every device
             self._fixed = (z.float().cpu(), y.cpu(), noise)
@@ -302,8 +291,8 @@ class OutlierMonitor(EveryNSteps):
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict]:
         """Per-block `layer_statistics` records on the fixed batch (diffusion registers excluded)."""
-        from dsr.analyze import capture_block_outputs
-        from dsr.registers.outliers import layer_statistics
+        from dsr.analysis.capture import capture_block_outputs
+        from dsr.analysis.outliers import layer_statistics
 
         z, y, noise = (v.to(pl_module.device) for v in self.fixed_batch(trainer, pl_module))
         backbone = pl_module.ema.module if self.use_ema else pl_module.backbone
@@ -311,7 +300,7 @@ class OutlierMonitor(EveryNSteps):
         backbone.eval()
         try:
             t = torch.full((len(z),), self.t, device=z.device)
-            x_t = (1.0 - self.t) * z + self.t * noise
+            x_t = pl_module.transport.interpolate(z, noise, t)
             hidden, registers = capture_block_outputs(backbone, x_t, t, y)
         finally:
             backbone.train(was_training)
@@ -343,7 +332,7 @@ class OutlierMonitor(EveryNSteps):
             return
         import tempfile
 
-        from dsr.analyze import plot_max_median_ratio
+        from dsr.analysis.figures import plot_max_median_ratio
 
         label = f"step {step}, t={self.t:g}"
         ratios = {label: [r["max_median_ratio"] for r in records]}

@@ -34,14 +34,16 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import make_grid, save_image
 
 from dsr.encoders.rae import RepresentationAutoencoder
+from dsr.lightning.training import ema_copy, steps_per_epoch
 from dsr.models.discriminator import NUM_AUGMENT_DRAWS, diff_augment, generator_loss, hinge_d_loss
 from dsr.utils.files import atomic_write
 from dsr.utils.frozen import drop_frozen, fill_frozen, keep_frozen_in_eval, mark_frozen
+from dsr.utils.images import quantize
+from dsr.utils.seeding import step_generator
 
 ADAPTIVE_WEIGHT_EPS = 1e-6
 # PSNR of identical images would be infinite; the mean squared error is clamped here (as RAE's evaluation), which caps
@@ -87,11 +89,6 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
     """Per-image PSNR [B] of images [B, C, H, W] in [0, 1]: 20 * log10(1 / sqrt(mse)), mse clamped at 1e-10 (100 dB)."""
     mse = (x.float() - y.float()).square().flatten(1).mean(dim=1).clamp_min(PSNR_MSE_FLOOR)
     return -10.0 * torch.log10(mse)
-
-
-def quantize(images: Tensor) -> Tensor:
-    """Images in [0, 1] (any range: clamped) -> uint8, rounded to the nearest level."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 class DecoderModule(L.LightningModule):
@@ -149,8 +146,7 @@ class DecoderModule(L.LightningModule):
         self.latent_shape: tuple[int, int, int] = tuple(codec.latent_shape)
         self.lpips = lpips()
         self.discriminator = discriminator()
-        self.ema = AveragedModel(codec.decoder, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-        self.ema.requires_grad_(False)
+        self.ema = ema_copy(codec.decoder, ema_decay)
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer or optimizer
         self.lr_schedule = (
@@ -169,7 +165,7 @@ class DecoderModule(L.LightningModule):
         self.fid_reference = fid_reference
         self.inception = None
         if fid_reference:
-            from dsr.evaluate import InceptionFeatures, resolve_inception_weights
+            from dsr.metrics.inception import InceptionFeatures, resolve_inception_weights
 
             if not Path(fid_reference).exists():
                 raise FileNotFoundError(f"evaluation.reference={fid_reference} not found (null turns rFID off)")
@@ -189,12 +185,7 @@ class DecoderModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------------------
 
     def steps_per_epoch(self) -> float:
-        datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "steps_per_epoch"):
-            raise ValueError(
-                "stage=decoder gives its schedules in epochs: it needs a datamodule with steps_per_epoch()"
-            )
-        return datamodule.steps_per_epoch()
+        return steps_per_epoch(self.trainer, "stage=decoder's schedule")
 
     def start_step(self, name: str) -> int:
         """The optimizer step at which `lpips`, `gan` or `disc_update` starts."""
@@ -212,8 +203,7 @@ class DecoderModule(L.LightningModule):
         keyed by (seed, optimizer step, rank): a resumed run draws what an uninterrupted one would, and k accumulated
         micro-batches see what one k times larger batch would."""
         share = micro_batch_size * self.accumulate_grad_batches
-        key = (self.seed * 1_000_003 + self.global_step) * 65_537 + self.global_rank
-        generator = torch.Generator(device=self.device).manual_seed(key % (2**63))
+        generator = step_generator(self.seed, self.global_step, self.global_rank, self.device)
         draw = dict(generator=generator, device=self.device)
         level = torch.rand(share, **draw)
         noise = torch.randn((share, *self.latent_shape), **draw)
@@ -297,8 +287,8 @@ class DecoderModule(L.LightningModule):
                 "leaves the other's parameters without gradients: set trainer.strategy=ddp_find_unused_parameters_true"
             )
 
-    def training_step(self, batch: tuple[Tensor, Tensor] | Tensor, batch_idx: int) -> None:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, _ = batch
         accumulate = self.accumulate_grad_batches
         # An epoch's last micro-batches that cannot fill a whole step are dropped, as incomplete global batches are.
         if batch_idx >= self.trainer.num_training_batches // accumulate * accumulate:
@@ -388,8 +378,8 @@ class DecoderModule(L.LightningModule):
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val = {"psnr": zero.clone(), "ssim": zero.clone(), "count": zero.clone(), "pool": [], "grid": None}
 
-    def validation_step(self, batch: tuple[Tensor, Tensor] | Tensor, batch_idx: int) -> None:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, _ = batch
         recon = quantize(self.reconstruct(images))
         # Scored as the 8-bit images they would be saved as; the data's images are 8-bit already.
         target = quantize(images).float() / 255
@@ -417,7 +407,8 @@ class DecoderModule(L.LightningModule):
 
     def rfid(self) -> float:
         """FID of the gathered reconstructions' Inception features against `fid_reference` (computed on rank 0)."""
-        from dsr.evaluate import FeatureStats, default_cache_dir, frechet_distance, reference_statistics
+        from dsr.metrics.reference import default_cache_dir, reference_statistics
+        from dsr.metrics.scores import FeatureStats, frechet_distance
 
         pool = self._val["pool"]
         local = torch.cat(pool) if pool else torch.empty(0, 2048, device=self.device)

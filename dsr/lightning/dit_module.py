@@ -18,12 +18,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import grad_norm
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dsr.diffusion.guidance import ClassifierFreeGuidance
 from dsr.diffusion.transport import Transport
 from dsr.encoders.base import LatentCodec
+from dsr.lightning.training import ema_copy, steps_per_epoch
 from dsr.utils.frozen import drop_frozen, fill_frozen
+from dsr.utils.seeding import step_generator
 
 
 @dataclass
@@ -71,8 +72,7 @@ class DiTModule(L.LightningModule):
         self.latent_shape: tuple[int, int, int] = tuple(encoder.latent_shape)
         channels, height, width = self.latent_shape
         self.backbone = backbone(in_channels=channels, input_size=(height, width))
-        self.ema = AveragedModel(self.backbone, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-        self.ema.requires_grad_(False)
+        self.ema = ema_copy(self.backbone, ema_decay)
         self.transport = transport
         self.solver = solver
         self.guidance = guidance
@@ -81,6 +81,7 @@ class DiTModule(L.LightningModule):
         self.ema_decay = ema_decay
         self.seed = seed
         self.run_config: dict | None = None  # the resolved Hydra config, stored in every checkpoint
+        self.yields_latents = False  # batches hold raw latents, not images (the datamodule says so at setup)
 
     # ---------------------------------------------------------------------------------------------------
     # training
@@ -95,8 +96,7 @@ class DiTModule(L.LightningModule):
         k times larger would.
         """
         accumulate = self.trainer.accumulate_grad_batches
-        key = (self.seed * 1_000_003 + self.global_step) * 65_537 + self.global_rank
-        generator = torch.Generator(device=self.device).manual_seed(key % (2**63))
+        generator = step_generator(self.seed, self.global_step, self.global_rank, self.device)
         share = micro_batch_size * accumulate
         noise = torch.randn((share, *self.latent_shape), generator=generator, device=self.device)
         t = self.transport.sample_time(share, self.latent_shape, generator=generator, device=self.device)
@@ -104,16 +104,19 @@ class DiTModule(L.LightningModule):
         part = slice((batch_idx % accumulate) * micro_batch_size, (batch_idx % accumulate + 1) * micro_batch_size)
         return noise[part], t[part], uniform[part]
 
-    def latents(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Normalised latents [B, C, h, w] and labels [B] of a batch of images (encoded on the fly) or of cached
-        raw latents (`{"latents", "y"}` from `dsr.data.latents.CachedLatents`, normalised here)."""
-        with torch.no_grad():
-            if isinstance(batch, dict):
-                return self.encoder.normalize(batch["latents"].float()), batch["y"]
-            images, y = batch
-            return self.encoder.encode(images), y
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        self.yields_latents = getattr(datamodule, "yields_latents", self.yields_latents)
 
-    def training_step(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor], batch_idx: int) -> Tensor:
+    def latents(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Normalised latents [B, C, h, w] and labels [B] of a batch `(x, y)`: x holds images, encoded here, or (with
+        `yields_latents`, as with `data=latents`) raw latents from `dsr.data.latents.CachedLatents`, normalised
+        here by the same codec."""
+        x, y = batch
+        with torch.no_grad():
+            return (self.encoder.normalize(x.float()) if self.yields_latents else self.encoder.encode(x)), y
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         z, y = self.latents(batch)
         noise, t, uniform = self.step_randomness(batch_idx, len(y))
         y = self.backbone.y_embedder.drop_labels(y, uniform)
@@ -141,10 +144,7 @@ class DiTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def steps_per_epoch(self) -> float:
-        datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "steps_per_epoch"):
-            raise ValueError("epoch-based learning-rate schedules need a datamodule that knows its epoch length")
-        return datamodule.steps_per_epoch()
+        return steps_per_epoch(self.trainer, "module.lr_schedule")
 
     # ---------------------------------------------------------------------------------------------------
     # sampling

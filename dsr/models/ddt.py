@@ -23,43 +23,9 @@ from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from dsr.models.dit import DiTBlock, FinalLayer, init_embedders_and_zero_adaln, unpatchify
-from dsr.models.layers import (
-    GaussianFourierEmbedder,
-    LabelEmbedder,
-    rope_axial_2d,
-    rope_with_prefix,
-    sincos_pos_embed_2d,
-)
-from dsr.registers.diffusion import DiffusionRegisters
-
-
-def modulate_tokens(x: Tensor, shift: Tensor | None, scale: Tensor) -> Tensor:
-    """Per-token adaLN: x * (1 + scale) + shift, all [B, N, D]."""
-    x = x * (1 + scale)
-    return x if shift is None else x + shift
-
-
-class HeadBlock(DiTBlock):
-    """The DDT head's block: a `DiTBlock` whose condition is per token, c [B, N, D] instead of [B, D]."""
-
-    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x: [B, N, D], c: [B, N, D] -> [B, N, D]."""
-        if self.wo_shift:
-            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=-1)
-            shift_msa = shift_mlp = None
-        else:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate_tokens(self.norm1(x), shift_msa, scale_msa), rope=rope)
-        x = x + gate_mlp * self.mlp(modulate_tokens(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
-class HeadFinalLayer(FinalLayer):
-    """`FinalLayer` with per-token (shift, scale): x [B, N, D], c [B, N, D] -> [B, N, p * p * C]."""
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate_tokens(self.norm_final(x), shift, scale))
+from dsr.models.layers import GaussianFourierEmbedder, LabelEmbedder, sincos_pos_embed_2d
+from dsr.models.registers import DiffusionRegisters
+from dsr.models.rotary import RotaryTables
 
 
 class DiTDH(nn.Module):
@@ -127,25 +93,18 @@ class DiTDH(nn.Module):
         # Head ("decoder" in the reference): tokens x of width D_x, re-embedded from x_t, no absolute position code.
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, head_hidden_size, bias=True)
         self.head_blocks = nn.ModuleList(
-            HeadBlock(head_hidden_size, head_num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
+            DiTBlock(head_hidden_size, head_num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
             for _ in range(head_depth)
         )
-        self.final_layer = HeadFinalLayer(head_hidden_size, patch_size, self.out_channels, use_rmsnorm)
+        self.final_layer = FinalLayer(head_hidden_size, patch_size, self.out_channels, use_rmsnorm)
 
         self.use_rope = use_rope
-        if use_rope:
-            cos, sin = rope_axial_2d(hidden_size // num_heads, *self.grid_size)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-            # From `register_start` on, the trunk sequence is [registers; patches]: registers get identity rows.
-            cos_r, sin_r = rope_with_prefix(cos, sin, num_registers)
-            self.register_buffer("rope_cos_registers", cos_r, persistent=False)
-            self.register_buffer("rope_sin_registers", sin_r, persistent=False)
-            # The head's sequence is [head registers; patches] throughout.
-            head_cos, head_sin = rope_axial_2d(head_hidden_size // head_num_heads, *self.grid_size)
-            head_cos, head_sin = rope_with_prefix(head_cos, head_sin, head_num_registers)
-            self.register_buffer("head_rope_cos", head_cos, persistent=False)
-            self.register_buffer("head_rope_sin", head_sin, persistent=False)
+        # From `register_start` on, the trunk sequence is [registers; patches]: registers get identity rows. The
+        # head's sequence is [head registers; patches] throughout.
+        self.rope = RotaryTables(hidden_size // num_heads, self.grid_size, num_registers) if use_rope else None
+        self.head_rope = (
+            RotaryTables(head_hidden_size // head_num_heads, self.grid_size, head_num_registers) if use_rope else None
+        )
 
         self.initialize_weights()
         # Built last so that the other parameters draw the same initial values with or without registers.
@@ -161,15 +120,11 @@ class DiTDH(nn.Module):
         """Label index of the unconditional (null) class used by classifier-free guidance."""
         return self.y_embedder.null_class
 
-    def trunk_rope(self, with_registers: bool) -> tuple[Tensor, Tensor] | None:
-        if not self.use_rope:
-            return None
-        if with_registers:
-            return self.rope_cos_registers, self.rope_sin_registers
-        return self.rope_cos, self.rope_sin
+    def rope_tables(self, with_registers: bool) -> tuple[Tensor, Tensor] | None:
+        return self.rope.tables(prefixed=with_registers) if self.rope is not None else None
 
-    def head_rope(self) -> tuple[Tensor, Tensor] | None:
-        return (self.head_rope_cos, self.head_rope_sin) if self.use_rope else None
+    def head_rope_tables(self) -> tuple[Tensor, Tensor] | None:
+        return self.head_rope.tables(prefixed=True) if self.head_rope is not None else None
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """[B, h*w, p*p*C] -> [B, C, h*p, w*p]."""
@@ -184,11 +139,11 @@ class DiTDH(nn.Module):
         s = self.s_embedder(x)  # [B, N, D_s]
         if self.pos_embed is not None:
             s = s + self.pos_embed.to(s.dtype)
-        rope = self.trunk_rope(with_registers=False)
+        rope = self.rope_tables(with_registers=False)
         for i, block in enumerate(self.blocks):
             if self.registers is not None and i == self.register_start:
                 s = self.registers(s)  # [B, R + N, D_s]
-                rope = self.trunk_rope(with_registers=True)
+                rope = self.rope_tables(with_registers=True)
             s = block(s, c, rope=rope)
         if self.registers is not None and self.head_registers is None:
             s = self.registers.strip(s)
@@ -201,7 +156,7 @@ class DiTDH(nn.Module):
         if self.head_registers is not None:
             h = self.head_registers(h)  # [B, R + N, D_x]
         for block in self.head_blocks:
-            h = block(h, s, rope=self.head_rope())
+            h = block(h, s, rope=self.head_rope_tables())
         if self.head_registers is not None:
             h, s = self.head_registers.strip(h), self.head_registers.strip(s)  # [B, N, D_x] each
         return self.unpatchify(self.final_layer(h, s))

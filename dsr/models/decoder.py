@@ -18,35 +18,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+
+from dsr.models.layers import sincos_pos_embed_2d
 
 # The reference (a vendored Hugging Face ViTMAE decoder) stores the fixed table as a frozen parameter.
 REFERENCE_POS_EMBED = "decoder_pos_embed"
 
 
 def mae_sincos_table(dim: int, grid_size: int) -> Tensor:
-    """The MAE decoder's fixed position table [1 + grid_size**2, dim]: a zero CLS row, then the row-major grid.
-
-    The first half of the channels encodes the column index, the second half the row index; each half is
-    [sin(pos * omega), cos(pos * omega)] with omega_k = 1 / 10000^(k / (dim / 4)), computed in float64.
-    """
+    """The MAE decoder's fixed position table [1 + grid_size**2, dim]: a zero CLS row, then the shared 2-D sin-cos
+    table of the row-major grid (`dsr.models.layers.sincos_pos_embed_2d`, the same layout)."""
     if dim % 4:
         raise ValueError(f"decoder.hidden_size={dim}: the 2-D sin-cos table needs a multiple of 4")
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
-    rows, cols = np.meshgrid(
-        np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij"
-    )
-
-    def encode(pos: np.ndarray) -> np.ndarray:
-        angles = np.outer(pos.reshape(-1), omega)
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-    table = np.concatenate([encode(cols), encode(rows)], axis=1)
-    return torch.from_numpy(np.concatenate([np.zeros((1, dim)), table])).float()
+    table = sincos_pos_embed_2d(dim, grid_size, grid_size)
+    return torch.cat([table.new_zeros(1, dim), table])
 
 
 class ViTDecoder(nn.Module):

@@ -23,15 +23,15 @@ from dsr.models.layers import (
     build_mlp,
     build_norm,
     modulate,
-    rope_axial_2d,
-    rope_with_prefix,
+    per_token,
     sincos_pos_embed_2d,
 )
-from dsr.registers.diffusion import DiffusionRegisters
+from dsr.models.registers import DiffusionRegisters
+from dsr.models.rotary import RotaryTables
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero conditioning on c [B, D]."""
+    """Pre-norm transformer block with adaLN-Zero conditioning on c [B, D] (or per token, c [B, N, D])."""
 
     def __init__(
         self,
@@ -53,19 +53,19 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, num_chunks * hidden_size))
 
     def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x: [B, N, D], c: [B, D] -> [B, N, D]."""
+        """x: [B, N, D], c: [B, D] or [B, N, D] -> [B, N, D]."""
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=-1)
             shift_msa = shift_mlp = None
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + per_token(gate_msa, x) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        x = x + per_token(gate_mlp, x) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
 class FinalLayer(nn.Module):
-    """Norm, adaLN (shift, scale), then a linear map from tokens to patches."""
+    """Norm, adaLN (shift, scale) from c [B, D] or per token [B, N, D], then a linear map from tokens to patches."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, use_rmsnorm: bool = True) -> None:
         super().__init__()
@@ -142,15 +142,8 @@ class LightningDiT(nn.Module):
         pos_embed = sincos_pos_embed_2d(hidden_size, *self.grid_size).unsqueeze(0) if use_pos_embed else None
         self.register_buffer("pos_embed", pos_embed, persistent=False)
 
-        head_dim = hidden_size // num_heads
-        if use_rope:
-            cos, sin = rope_axial_2d(head_dim, *self.grid_size)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-            # From `register_start` on, the sequence is [registers; patches]: registers get identity rows.
-            cos_r, sin_r = rope_with_prefix(cos, sin, num_registers)
-            self.register_buffer("rope_cos_registers", cos_r, persistent=False)
-            self.register_buffer("rope_sin_registers", sin_r, persistent=False)
+        # From `register_start` on, the sequence is [registers; patches]: registers get identity rows.
+        self.rope = RotaryTables(hidden_size // num_heads, self.grid_size, num_registers) if use_rope else None
         self.use_rope = use_rope
 
         self.blocks = nn.ModuleList(
@@ -177,12 +170,8 @@ class LightningDiT(nn.Module):
         """Label index of the unconditional (null) class used by classifier-free guidance."""
         return self.y_embedder.null_class
 
-    def rope(self, with_registers: bool) -> tuple[Tensor, Tensor] | None:
-        if not self.use_rope:
-            return None
-        if with_registers:
-            return self.rope_cos_registers, self.rope_sin_registers
-        return self.rope_cos, self.rope_sin
+    def rope_tables(self, with_registers: bool) -> tuple[Tensor, Tensor] | None:
+        return self.rope.tables(prefixed=with_registers) if self.rope is not None else None
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """[B, h*w, p*p*C] -> [B, C, h*p, w*p]."""
@@ -194,11 +183,11 @@ class LightningDiT(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
-        rope = self.rope(with_registers=False)
+        rope = self.rope_tables(with_registers=False)
         for i, block in enumerate(self.blocks):
             if self.registers is not None and i == self.register_start:
                 x = self.registers(x)  # [B, R + N, D]
-                rope = self.rope(with_registers=True)
+                rope = self.rope_tables(with_registers=True)
             x = block(x, c, rope=rope)
         if self.registers is not None:
             x = self.registers.strip(x)

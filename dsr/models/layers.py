@@ -1,5 +1,5 @@
-"""Building blocks shared by the diffusion transformers: norms, rotary and sin-cos position codes,
-timestep / class embedders, attention and adaLN modulation.
+"""Building blocks shared by the diffusion transformers: norms, the sin-cos position code, timestep / class
+embedders, attention and adaLN modulation (rotary tables: `dsr.models.rotary`).
 
 Conventions follow LightningDiT as used by RAE and the DSR release: RMSNorm (eps 1e-6, fp32 compute),
 SwiGLU with hidden width int(2/3 * mlp_ratio * D), EVA-style 2-D axial RoPE (first half of each head's
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, SwiGLUPacked
 from torch import Tensor, nn
+
+from dsr.models.rotary import apply_rope
 
 
 class RMSNorm(nn.RMSNorm):
@@ -43,10 +45,16 @@ def build_mlp(dim: int, mlp_ratio: float, use_swiglu: bool) -> nn.Module:
     return Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
 
 
+def per_token(m: Tensor, x: Tensor) -> Tensor:
+    """A modulation broadcast against tokens x [B, N, D]: one per sample [B, D] becomes [B, 1, D]; one per token
+    [B, N, D] (DiT-DH's head) stays as it is."""
+    return m.unsqueeze(1) if m.ndim < x.ndim else m
+
+
 def modulate(x: Tensor, shift: Tensor | None, scale: Tensor) -> Tensor:
-    """adaLN: x * (1 + scale) + shift, with [B, D] modulation broadcast over tokens."""
-    x = x * (1 + scale.unsqueeze(1))
-    return x if shift is None else x + shift.unsqueeze(1)
+    """adaLN: x * (1 + scale) + shift for x [B, N, D], with [B, D] or per-token [B, N, D] modulation."""
+    x = x * (1 + per_token(scale, x))
+    return x if shift is None else x + per_token(shift, x)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -71,41 +79,6 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> Tensor:
 
     table = np.concatenate([encode(cols), encode(rows)], axis=1)
     return torch.from_numpy(table).float()
-
-
-def rope_axial_2d(head_dim: int, grid_h: int, grid_w: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """EVA-style 2-D axial rotary tables: (cos, sin), each [grid_h * grid_w, head_dim].
-
-    With a = head_dim / 2 channels per axis and frequencies f_k = theta^(-2k / a), k < a / 2, each
-    repeated for an adjacent channel pair; channels [0, a) rotate with the row index, [a, 2a) with the column.
-    """
-    if head_dim % 4:
-        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
-    axis_dim = head_dim // 2
-    freqs = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64)[: axis_dim // 2] / axis_dim)
-    rows = torch.arange(grid_h, dtype=torch.float64)[:, None] * freqs  # [h, a/2]
-    cols = torch.arange(grid_w, dtype=torch.float64)[:, None] * freqs  # [w, a/2]
-    rows = rows.repeat_interleave(2, dim=-1)[:, None, :].expand(grid_h, grid_w, axis_dim)
-    cols = cols.repeat_interleave(2, dim=-1)[None, :, :].expand(grid_h, grid_w, axis_dim)
-    angles = torch.cat([rows, cols], dim=-1).reshape(grid_h * grid_w, head_dim)
-    return angles.cos().float(), angles.sin().float()
-
-
-def rope_with_prefix(cos: Tensor, sin: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
-    """Prepend `num_prefix` identity rows (cos 1, sin 0): prefix tokens such as registers stay unrotated."""
-    if num_prefix == 0:
-        return cos, sin
-    return (
-        torch.cat([cos.new_ones(num_prefix, cos.shape[1]), cos]),
-        torch.cat([sin.new_zeros(num_prefix, sin.shape[1]), sin]),
-    )
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). x: [B, H, N, d]."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------

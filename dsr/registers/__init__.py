@@ -1,4 +1,6 @@
-"""Registers: extra tokens that give outlier activations somewhere harmless to go.
+"""Encoder-side registers: extra tokens that give a frozen ViT's outlier activations somewhere harmless to go.
 
-`diffusion` holds the learned tokens of the diffusion transformer (stage 2).
+`hooks` names a ViT's hook points and reads its residual stream; `neurons` holds register-neuron sets, the
+release's lists and their discovery; `ttr` is the intervention (test-time registers, applied once or recursively).
+The diffusion transformer's learned registers are a model layer: `dsr.models.registers`.
 """

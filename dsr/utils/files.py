@@ -1,4 +1,4 @@
-"""Crash-safe file writes."""
+"""Crash-safe file writes, folder manifests and settings, and where a checkpoint's run lives."""
 
 from __future__ import annotations
 
@@ -45,3 +45,30 @@ def guard_settings(folder: Path, settings: dict, setting: str) -> None:
             )
     else:
         atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+
+MANIFEST = "manifest.json"  # written last into a folder of shards: its presence means the folder is complete
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> Path:
+    """Write `<folder>/manifest.json` atomically (last, once every shard is on disk)."""
+    path = Path(folder) / MANIFEST
+    atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    return path
+
+
+def read_manifest(folder: str | Path, setting: str, hint: str) -> dict:
+    """The manifest of a complete folder; FileNotFoundError naming `setting` (the option that chose the folder) and
+    `hint` (how to make one) when it has none."""
+    path = Path(folder).expanduser() / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{setting}={str(folder)!r} has no {MANIFEST} (missing, or still being written): {hint}"
+        )
+    return json.loads(path.read_text())
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """`outputs/<run>` for `outputs/<run>/checkpoints/<name>.ckpt`, else the checkpoint's own folder."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent

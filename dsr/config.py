@@ -1,0 +1,97 @@
+"""Composing `conf/`, building from it, and the resolved config a run stores.
+
+One place for what every command, test, benchmark and `dsr.convert` does with the config tree: `compose` gives the
+config a `python -m dsr.<command> <overrides>` would run, with Hydra's runtime set so `${hydra:...}` interpolations
+resolve; `build` instantiates a node with the configuration error itself surfacing; `resolved_config` is the plain
+data stored in checkpoints. Importing this module registers the OmegaConf resolvers the tree uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dsr.diffusion.transport import REFERENCE_T_MAX
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+MAX_DIRNAME = 120
+
+
+# --------------------------------------------------------------------------------------------------------
+# resolvers
+# --------------------------------------------------------------------------------------------------------
+
+
+def short_dirname(name: str) -> str:
+    """`${dsr.dirname:...}`: `name` as a directory name that fits a filesystem's 255-byte limit: unchanged up to
+    `MAX_DIRNAME` characters, else its start plus a hash of the whole, so long override lists still give one stable
+    directory per job."""
+    if len(name) <= MAX_DIRNAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    return f"{name[: MAX_DIRNAME - 13]}-{digest}"
+
+
+def reference_t_max(prediction: str) -> float:
+    """`${dsr.reference_t_max:${transport.prediction}}`: the references' interval end for a prediction type."""
+    if prediction not in REFERENCE_T_MAX:
+        raise ValueError(f"transport.prediction must be one of {sorted(REFERENCE_T_MAX)}, got {prediction!r}")
+    return REFERENCE_T_MAX[prediction]
+
+
+OmegaConf.register_new_resolver("dsr.dirname", short_dirname, replace=True)
+OmegaConf.register_new_resolver("dsr.reference_t_max", reference_t_max, replace=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# composing, building, storing
+# --------------------------------------------------------------------------------------------------------
+
+
+def compose(config_name: str, overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> DictConfig:
+    """The config `python -m dsr.<command> <overrides>` would run (`config_name`: train, sample, stats, ...), with
+    Hydra's runtime (`${hydra:runtime.choices.*}`) set. With `run_dir`, `paths.run_dir` is that folder."""
+    overrides = list(overrides)
+    if run_dir is not None:
+        overrides.append(f"hydra.run.dir={run_dir}")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
+            cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    HydraConfig.instance().set_config(cfg)
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.run_dir = str(run_dir)
+    return cfg
+
+
+def build(node: DictConfig) -> Any:
+    """`instantiate`, but a configuration error (missing file, bad value) surfaces as itself, with the
+    message that names the setting, rather than wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (OSError, ValueError)):
+            raise err.__cause__ from None
+        raise
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The run's config as plain, resolved data (without Hydra's own node, present when composed by tests)."""
+    return {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }

@@ -55,7 +55,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from timm.layers import GluMlp
 from torch import Tensor, nn
 
@@ -370,7 +370,7 @@ def transport_overrides(overrides: Sequence[str], release_config: Mapping | None
             )
         return []
     theirs = release_transport(release_config)
-    composed = instantiate(compose_run_config(overrides, ".").transport)
+    composed = instantiate(compose("train", overrides, run_dir=".").transport)
     ours = {key: getattr(composed, key) for key in theirs}
     conflicts = [
         f"transport.{key}: the release config says {theirs[key]}, the command line {ours[key]}"
@@ -390,11 +390,6 @@ def transport_overrides(overrides: Sequence[str], release_config: Mapping | None
 # --------------------------------------------------------------------------------------------------------
 
 
-def compose_run_config(overrides: Sequence[str], run_dir: str | Path) -> DictConfig:
-    """The config `python -m dsr.train OVERRIDES` would run, with its run directory at `run_dir`."""
-    return compose("train", overrides, run_dir=run_dir)
-
-
 def convert_stage2(
     src: str | Path,
     out: str | Path,
@@ -408,7 +403,7 @@ def convert_stage2(
     if release_config is not None:
         release = OmegaConf.to_container(OmegaConf.load(release_config), resolve=True)
     overrides = [*overrides, *transport_overrides(overrides, release)]
-    cfg = compose_run_config(overrides, out.parent)
+    cfg = compose("train", overrides, run_dir=out.parent)
     if "backbone" not in cfg.get("module", {}):
         raise ValueError("the composed config has no module.backbone: convert stage-2 weights with stage=dit")
     module = build(cfg.module)
@@ -496,7 +491,7 @@ def convert_decoder(
     The decoder is built from the `decoder` config group composed from `overrides`; its latent width comes from the
     weights (`decoder_embed`) and its token grid from the released position table (or `grid_size` without one).
     """
-    cfg = compose_run_config(overrides, run_dir=".")
+    cfg = compose("train", overrides, run_dir=".")
     if cfg.get("decoder") is None:
         raise ValueError("the composed config has no decoder: choose one, e.g. decoder=vit_xl")
     state = release_decoder_weights(load_file(src), weights)
@@ -542,7 +537,7 @@ def convert_decoder(
 
 def default_path(overrides: Sequence[str], key: str) -> Path:
     """`paths.<key>` of the config composed from `overrides` (where the encoder expects the file)."""
-    cfg = compose_run_config(overrides, run_dir=".")
+    cfg = compose("train", overrides, run_dir=".")
     if key not in cfg.paths:
         raise ValueError(f"the config has no paths.{key}: give --out")
     return Path(str(cfg.paths[key]))

@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers import DDT_TINY
 
+from dsr.config import compose
 from dsr.convert import (
-    compose_run_config,
     convert_stats,
     dsr_to_release,
     main,
@@ -515,7 +515,7 @@ def test_decoder_conversion_plain_and_training_checkpoint(tmp_path, monkeypatch)
 
     # Without --out the file lands where encoder.decoder_weights looks (paths.decoder_weights, under $DSR_ARTIFACTS).
     out = main(["decoder", str(plain), *DECODER_OVERRIDES])
-    assert out == Path(str(compose_run_config(DECODER_OVERRIDES, ".").paths.decoder_weights))
+    assert out == Path(str(compose("train", DECODER_OVERRIDES, run_dir=".").paths.decoder_weights))
     assert out.is_relative_to(tmp_path / "artifacts") and out.name == "decoder-tiny.pt"
     out_ckpt = main(["decoder", str(stage1), "--out", str(tmp_path / "from_ckpt.pt"), *DECODER_OVERRIDES])
     for path in (out, out_ckpt):
@@ -683,7 +683,7 @@ def test_the_readme_import_commands_run_as_written_and_sample(tmp_path, monkeypa
             torch.save(release_decoder_state(decoder) | {"decoder_pos_embed": mae_table(32, 4)}, args[1])
         elif kind == "stage2":
             extra += SHRINK_BACKBONE + (SHRINK_HEAD if "backbone=dit_dh_xl" in overrides else [])
-            cfg = compose_run_config([*overrides, *extra], tmp_path)
+            cfg = compose("train", [*overrides, *extra], run_dir=tmp_path)
             torch.manual_seed(0)
             backbone = instantiate_backbone(cfg)
             weights = dsr_to_release(backbone)

@@ -105,8 +105,7 @@ class DiTModule(L.LightningModule):
         return noise[part], t[part], uniform[part]
 
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule if self.trainer is not None else None
-        self.yields_latents = getattr(datamodule, "yields_latents", self.yields_latents)
+        self.yields_latents = getattr(self.trainer.datamodule, "yields_latents", self.yields_latents)
 
     def latents(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Normalised latents [B, C, h, w] and labels [B] of a batch `(x, y)`: x holds images, encoded here, or (with

@@ -27,7 +27,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
@@ -44,7 +43,7 @@ from dsr.analysis.capture import (
 )
 from dsr.analysis.figures import plot_max_median_ratio
 from dsr.analysis.report import save_report, summary
-from dsr.config import build
+from dsr.config import build, entry_point
 from dsr.data.views import subset_indices, without_flip
 from dsr.registers.hooks import ViTAdapter
 from dsr.registers.neurons import NoOutliersError
@@ -218,7 +217,7 @@ def run(cfg: DictConfig) -> Path:
     raise ValueError(f"analyze.target={target!r}: choose encoder or dit")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
+@entry_point("analyze")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

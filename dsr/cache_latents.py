@@ -15,14 +15,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from dsr.config import build
+from dsr.config import build, entry_point
 from dsr.data.latents import labels_path, latents_path
 from dsr.data.views import views_of, without_flip
 from dsr.diffusion.generation import shard_ranges
@@ -92,7 +91,7 @@ def run(cfg: DictConfig) -> Path:
     return out_dir
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="cache_latents")
+@entry_point("cache_latents")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

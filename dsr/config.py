@@ -8,11 +8,16 @@ data stored in checkpoints. Importing this module registers the OmegaConf resolv
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -20,10 +25,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from dsr.diffusion.transport import REFERENCE_T_MAX
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data; the repository's conf/ links here
 MAX_DIRNAME = 120
 
 
@@ -49,7 +55,32 @@ def reference_t_max(prediction: str) -> float:
     return REFERENCE_T_MAX[prediction]
 
 
+def usage(module: str) -> str:
+    """`${dsr.usage:dsr.sample}`: a command's module docstring, read without importing it (the text of `--help`)."""
+    path = CONF_DIR.parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    text = ast.get_docstring(ast.parse(path.read_text())) or module
+    return text.replace("$", "$$")  # the help template is a string.Template
+
+
+def group_options(*groups: str) -> str:
+    """`${dsr.groups:encoder,data}`: one line per config group, with the options `conf/<group>/` holds."""
+    lines = []
+    for group in groups:
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        lines.append(f"  {group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def as_yaml(node: Any) -> str:
+    """`${dsr.yaml:${stats}}`: a config node as YAML, for `--help`."""
+    text = OmegaConf.to_yaml(node) if OmegaConf.is_config(node) else f"{node}\n"
+    return text.replace("$", "$$")
+
+
 OmegaConf.register_new_resolver("dsr.dirname", short_dirname, replace=True)
+OmegaConf.register_new_resolver("dsr.usage", usage, replace=True)
+OmegaConf.register_new_resolver("dsr.groups", group_options, replace=True)
+OmegaConf.register_new_resolver("dsr.yaml", as_yaml, replace=True)
 OmegaConf.register_new_resolver("dsr.reference_t_max", reference_t_max, replace=True)
 
 
@@ -95,3 +126,42 @@ def resolved_config(cfg: DictConfig) -> dict:
         for key in cfg
         if key != "hydra"
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# command entry points
+# --------------------------------------------------------------------------------------------------------
+
+# What a wrong setting raises: a bad value, a missing file, a key the config lacks. Anything else is a bug and keeps
+# its traceback.
+CONFIG_ERRORS = (ValueError, FileNotFoundError, OmegaConfBaseException)
+USAGE_ERROR = 2  # exit status of a configuration error, as argparse uses for bad arguments
+
+
+def report_config_errors(task: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `task`; a configuration error ends in one line, `error: <what to set>`, and exit status 2, instead of a
+    traceback. HYDRA_FULL_ERROR=1 re-raises it with the traceback."""
+
+    @functools.wraps(task)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        except CONFIG_ERRORS as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {str(err).strip() or type(err).__name__}", file=sys.stderr, flush=True)
+            raise SystemExit(USAGE_ERROR) from None
+
+    return checked
+
+
+def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """`@hydra.main` on `conf/<config_name>.yaml` for `python -m dsr.<command>`, with configuration errors reported
+    by `report_config_errors`. (Hydra's own errors, such as an unknown group option, keep Hydra's message.)"""
+
+    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(
+            report_config_errors(task)
+        )
+
+    return decorate

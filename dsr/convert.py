@@ -59,7 +59,7 @@ from omegaconf import OmegaConf
 from timm.layers import GluMlp
 from torch import Tensor, nn
 
-from dsr.config import CONF_DIR, build, compose, resolved_config
+from dsr.config import CONF_DIR, build, compose, report_config_errors, resolved_config
 from dsr.diffusion.transport import REFERENCE_T_MAX
 from dsr.models.ddt import DiTDH
 from dsr.models.decoder import REFERENCE_POS_EMBED, from_reference_state_dict
@@ -645,5 +645,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return path
 
 
+# `python -m dsr.convert` and `dsr-convert`: a configuration error is one line and exit status 2.
+cli = report_config_errors(main)
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(sys.argv[1:])

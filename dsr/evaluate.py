@@ -21,9 +21,9 @@ import math
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
+from dsr.config import entry_point
 from dsr.metrics.evaluation import evaluate
 from dsr.metrics.inception import resolve_inception_weights
 
@@ -44,16 +44,10 @@ def _format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-# An absolute path (the repository's conf/, as "../conf" would be) also works when `main` is called in-process.
-@hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="evaluate", version_base="1.3")
+@entry_point("evaluate")
 def main(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        weights = resolve_inception_weights(cfg.inception_weights)
-    except FileNotFoundError as error:
-        # A plain message and exit status 1, rather than Hydra's traceback for a setup problem.
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    weights = resolve_inception_weights(cfg.inception_weights)  # missing weights: one line, before anything loads
     metrics = evaluate(
         samples=cfg.samples,
         reference=cfg.reference,

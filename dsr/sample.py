@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -35,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dsr.config import resolved_config
+from dsr.config import entry_point, resolved_config
 from dsr.diffusion.generation import generate_shard, shard_ranges
 from dsr.utils.fabric import launch_fabric
 from dsr.utils.files import atomic_write, run_dir_of
@@ -273,7 +272,7 @@ def run(cfg: DictConfig) -> Path:
     return npz
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@entry_point("sample")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -16,14 +16,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from dsr.config import build
+from dsr.config import build, entry_point
 from dsr.data.views import subset_indices, views_of, without_flip
 from dsr.utils.fabric import launch_fabric
 from dsr.utils.files import atomic_write
@@ -147,7 +146,7 @@ def run(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="stats")
+@entry_point("stats")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -12,15 +12,15 @@ import uuid
 import warnings
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dsr.config import build, resolved_config
+from dsr.config import build, entry_point, resolved_config
 from dsr.lightning.checkpoint_io import AtomicCheckpointIO
+from dsr.lightning.preflight import check_prerequisites
 from dsr.models.profile import register_overhead
 from dsr.utils.files import atomic_write
 
@@ -54,6 +54,7 @@ def initialize_from(module: L.LightningModule, path: str | Path) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured stage; return the final logged metrics."""
     run_dir = Path(cfg.paths.run_dir)
+    check_prerequisites(cfg)  # every missing file named at once, before anything heavy is built
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -181,7 +182,7 @@ def report_outputs(run_dir: Path, trainer: L.Trainer) -> None:
     print("\n".join(lines), flush=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@entry_point("train")
 def main(cfg: DictConfig) -> float | None:
     if HydraConfig.get().mode.name == "MULTIRUN":
         log.info("job %s: %s", HydraConfig.get().job.num, HydraConfig.get().job.override_dirname)

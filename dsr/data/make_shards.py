@@ -25,7 +25,6 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 import webdataset as wds
 from omegaconf import DictConfig
@@ -33,6 +32,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm.auto import tqdm
 
+from dsr.config import entry_point
 from dsr.data.transforms import center_crop_arr
 from dsr.utils.files import atomic_write, guard_settings, write_manifest
 
@@ -230,7 +230,7 @@ def run(cfg: DictConfig) -> dict:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="make_shards")
+@entry_point("make_shards")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

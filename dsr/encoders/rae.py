@@ -72,15 +72,34 @@ def from_pretrained(model_class: type, pretrained: str, local_files_only: bool, 
     try:
         return model_class.from_pretrained(location, local_files_only=local_files_only, **kwargs)
     except OSError as err:
-        cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-            os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
-        )
-        raise FileNotFoundError(
-            f"encoder.pretrained={pretrained} was not found locally (looked for a directory of that name and in the "
-            f"Hugging Face cache {cache}). Download it on a machine with internet (`hf download {pretrained}`) and "
-            "point HF_HOME at that cache, set encoder.pretrained to a local directory, or allow downloads with "
-            f"encoder.local_files_only=false. ({type(err).__name__}: {str(err).splitlines()[0]})"
-        ) from None
+        detail = f" ({type(err).__name__}: {str(err).splitlines()[0]})"
+        raise FileNotFoundError(missing_pretrained(pretrained) + detail) from None
+
+
+def hub_cache() -> str:
+    """The Hugging Face hub cache that offline loading reads."""
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
+
+
+def missing_pretrained(pretrained: str) -> str:
+    """What to do when `encoder.pretrained` is neither a local directory nor in the Hugging Face cache."""
+    return (
+        f"encoder.pretrained={pretrained} was not found locally (looked for a directory of that name and in the "
+        f"Hugging Face cache {hub_cache()}). Download it on a machine with internet (`hf download {pretrained}`) and "
+        "point HF_HOME at that cache, set encoder.pretrained to a local directory, or allow downloads with "
+        "encoder.local_files_only=false."
+    )
+
+
+def pretrained_available(pretrained: str) -> bool:
+    """Whether `pretrained` is a local directory or a hub id whose config is in the Hugging Face cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if os.path.isdir(os.path.expanduser(pretrained)):
+        return True
+    return isinstance(try_to_load_from_cache(pretrained, "config.json", cache_dir=hub_cache()), str)
 
 
 class RepresentationAutoencoder(nn.Module):

@@ -157,11 +157,37 @@ def report_config_errors(task: Callable[..., Any]) -> Callable[..., Any]:
 
 def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """`@hydra.main` on `conf/<config_name>.yaml` for `python -m dsr.<command>`, with configuration errors reported
-    by `report_config_errors`. (Hydra's own errors, such as an unknown group option, keep Hydra's message.)"""
+    by `report_config_errors`; an override Hydra cannot compose (an unknown group option or key) is reported the same
+    way, before Hydra starts."""
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-        return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(
+        hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(
             report_config_errors(task)
         )
 
+        @functools.wraps(hydra_main)
+        def main() -> Any:
+            check_overrides(config_name, sys.argv[1:])
+            return hydra_main()
+
+        return main
+
     return decorate
+
+
+@report_config_errors
+def check_overrides(config_name: str, argv: Sequence[str]) -> None:
+    """Compose once with the command line's overrides, so that one Hydra cannot compose (an unknown group option,
+    a key the config lacks, bad syntax) is one line and exit status 2. Flags (`--help`, `--cfg`, `-m`, ...) and
+    sweeps are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if any(arg.startswith("-") for arg in argv):
+        return
+    try:
+        if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(list(argv))):
+            return  # a sweep (cluster=slurm_8gpu runs every command as one): Hydra's launcher composes each job
+        compose(config_name, argv)
+    except HydraException as err:
+        raise ValueError(" ".join(str(err).split("Config search path:")[0].split())) from None

@@ -115,3 +115,26 @@ def test_a_non_editable_install_finds_its_config_and_has_a_console_script_per_co
     conf_dir, targets = result.stdout.split("\n")[:2]
     assert Path(conf_dir) == target / "dsr" / "conf"
     assert targets == "dsr.models.dit.LightningDiT dsr.data.synthetic.SyntheticShapes"
+
+
+@pytest.mark.slow
+def test_an_override_hydra_cannot_compose_is_one_line_and_exit_status_2(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "dsr.sample", "sampler=nope", "ckpt=x.ckpt"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == "error: In 'sample': Could not find 'sampler/nope' Available options in 'sampler': euler heun sde\n"
+    )
+
+
+def test_the_override_check_leaves_sweeps_and_flags_to_hydra(capsys):
+    from dsr.config import check_overrides
+
+    check_overrides("train", ["cluster=submitit_local", "backbone.depth=2,3"])  # a sweep: composed per job
+    check_overrides("train", ["-m", "backbone=nope"])  # Hydra's own flags
+    check_overrides("train", ["experiment=quickstart"])
+    with pytest.raises(SystemExit) as exit_info:
+        check_overrides("train", ["backbone=nope"])
+    assert exit_info.value.code == 2 and "Could not find 'backbone/nope'" in capsys.readouterr().err

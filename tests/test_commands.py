@@ -28,7 +28,7 @@ def test_the_users_command_with_nothing_prepared_names_every_missing_prerequisit
     cfg = compose_train([*USER_COMMAND, f"paths.artifacts={tmp_path / 'artifacts'}"], tmp_path / "run")
     problems = missing_prerequisites(cfg)
     expected = [
-        "data.dataset.root=None",
+        "data.dataset.root is not set",
         "encoder.pretrained=google/siglip2-so400m-patch14-224 was not found locally",
         "encoder.stats=",
         "encoder.decoder_weights=",

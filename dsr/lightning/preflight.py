@@ -13,6 +13,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from dsr.data.imagefolder import check_root as check_imagefolder_root
 from dsr.data.latents import read_manifest as read_latent_manifest
 from dsr.data.webdataset import read_manifest as read_shard_manifest
 from dsr.encoders.rae import DECODER_HINT, STATS_HINT, missing_pretrained, pretrained_available
@@ -30,12 +31,7 @@ def _data_problem(data: DictConfig) -> str | None:
     target = str(dataset.get("_target_", data.get("_target_", "")))
     try:
         if target.endswith("imagenet_folder"):
-            root = dataset.get("root")
-            if not root or not Path(str(root)).expanduser().is_dir():
-                return (
-                    f"data.dataset.root={root}: no ImageNet-style folder there; set data.dataset.root (or "
-                    "$IMAGENET_TRAIN_DIR) to one (one sub-folder per class), or use data=synthetic"
-                )
+            check_imagefolder_root(dataset.get("root"))
         elif target.endswith("CachedLatents"):
             read_latent_manifest(dataset.get("root") or "")
         elif target.endswith("ShardDataModule"):

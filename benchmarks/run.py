@@ -117,16 +117,16 @@ ENCODERS = {
 
 def encoder_throughput(name: str, batch: int, repeats: int, device: torch.device) -> dict:
     """Images/s of `tokens` (resize, normalise, frozen forward) on 256 px images (32 px for the tiny ones)."""
-    family, config, input_size = ENCODERS[name]
+    family, config, resolution = ENCODERS[name]
     image_size = 32 if name.startswith("tiny") else 256
-    codec = family(pretrained=None, config=config, input_size=input_size, image_size=image_size).to(device)
+    codec = family(pretrained=None, config=config, resolution=resolution, image_size=image_size).to(device)
     images = torch.rand(batch, 3, image_size, image_size, device=device)
     seconds = timed(lambda: codec.tokens(images), repeats, device)
     return {
         "encoder": name,
         "latent": list(codec.latent_shape),
         "batch": batch,
-        "bf16": codec.precision == "bf16" and device.type == "cuda",
+        "bf16": codec.precision == "bf16-mixed" and device.type == "cuda",
         "img_per_s": batch / seconds,
     }
 

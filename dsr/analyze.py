@@ -7,7 +7,7 @@ norm maps, PCA-to-RGB images of patch features, max/median across layers, and re
     python -m dsr.analyze analyze.target=dit analyze.ckpt=outputs/<run>/checkpoints/last.ckpt [analyze.times=[0.5]]
 
 `target=encoder` runs the encoder as configured (with `registers=ttr` its hooks are active) on a seeded subset of
-the configured data and writes, under `analyze.out_dir` (default `${paths.latent_dir}/analysis`): `stats.json`
+the configured data and writes, under `analyze.output` (default `${paths.latent_dir}/analysis`): `stats.json`
 (per-layer records of `dsr.analysis.outliers.layer_statistics`, over patch tokens of the residual stream before
 the final norm), `norm_maps/imageXX/norm_layerYY.png`, `pca/pcaXXX.png` (last analysed layer), `max_median.png`
 and `norm_histogram.png` (patch norms at `analyze.detect_layer`, to place the discovery threshold). With
@@ -77,7 +77,7 @@ def _first_round(value: Any) -> Any:
 def analyze_encoder(cfg: DictConfig) -> Path:
     """`analyze.target=encoder`: statistics and figures of the configured encoder, and optionally discovery."""
     a = cfg.analyze
-    device = resolve_device(a.device)
+    device = resolve_device(cfg.accelerator)
     codec = build_encoder(cfg.encoder).to(device)
     model = vit_of(codec)
     num_layers = ViTAdapter.from_model(model).num_layers
@@ -86,7 +86,7 @@ def analyze_encoder(cfg: DictConfig) -> Path:
     if detect not in layers:
         layers = sorted({*layers, detect})  # the histogram at the detection layer guides the threshold
     latent_dir = Path(cfg.paths.latent_dir)
-    out_dir = Path(a.out_dir) if a.out_dir else latent_dir / "analysis"
+    out_dir = Path(a.output) if a.output else latent_dir / "analysis"
     registers = getattr(codec, "registers", "none")
     label = latent_dir.name
 
@@ -162,11 +162,11 @@ def analyze_dit(cfg: DictConfig) -> Path:
             raise ValueError(f"analyze.times={times}: every t must lie in [0, 1] (t = 0 data, t = 1 noise)")
     if a.data_source not in ("checkpoint", "config"):
         raise ValueError(f"analyze.data_source={a.data_source!r}: choose checkpoint or config")
-    device = resolve_device(a.device)
+    device = resolve_device(cfg.accelerator)
     module = DiTModule.from_checkpoint(ckpt).to(device).eval()
     backbone = module.ema.module if a.use_ema else module.backbone
     layers = layer_indices(_plain(a.layers), len(backbone_blocks(backbone)))
-    out_dir = Path(a.out_dir) if a.out_dir else run_dir_of(ckpt) / "analysis" / ckpt.stem
+    out_dir = Path(a.output) if a.output else run_dir_of(ckpt) / "analysis" / ckpt.stem
 
     data = OmegaConf.create(module.run_config["data"]) if a.data_source == "checkpoint" else cfg.data
     loader = _loader(data, a.num_images, a.batch_size, a.num_workers, a.seed)

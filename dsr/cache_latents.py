@@ -5,9 +5,10 @@
 
 Each image is centre-cropped as in training (no random flip) and encoded together with its mirror image
 (`views=both`), the raw latents stored in float16 by default (see `dsr/data/latents.py` for the layout).
-Shard s holds images [s * shard_size, (s + 1) * shard_size) and is written by rank s % world_size, atomically;
-shards already on disk are skipped, so a crashed run resumes by running the same command again. The manifest is
-written last: a cache without one is incomplete and training refuses it.
+`cache.num_images=N` caches a seeded random subset of N images (in index order), as `stats.num_images` picks one.
+Shard s holds images [s * shard_size, (s + 1) * shard_size) of that set and is written by rank s % world_size,
+atomically; shards already on disk are skipped, so a crashed run resumes by running the same command again. The
+manifest is written last: a cache without one is incomplete and training refuses it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dsr.config import build, entry_point
 from dsr.data.latents import labels_path, latents_path
-from dsr.data.views import views_of, without_flip
+from dsr.data.views import subset_indices, views_of, without_flip
 from dsr.diffusion.generation import shard_ranges
 from dsr.utils.fabric import launch_fabric
 from dsr.utils.files import atomic_write, guard_settings, write_manifest
@@ -51,10 +52,14 @@ def run(cfg: DictConfig) -> Path:
     fabric = launch_fabric(cfg.accelerator, cfg.devices)
     codec = build(cfg.encoder).to(fabric.device).eval()
     dataset = build(without_flip(cfg.data.dataset))
-    num_samples = len(dataset) if cfg.cache.num_samples is None else min(cfg.cache.num_samples, len(dataset))
+    indices = subset_indices(len(dataset), cfg.cache.num_images, cfg.seed)
+    if len(indices) < len(dataset):
+        dataset = Subset(dataset, indices)
+    num_samples = len(dataset)
     out_dir = Path(cfg.cache.output)
     settings = {
         "num_samples": num_samples,
+        **({"subset_seed": int(cfg.seed)} if cfg.cache.num_images is not None else {}),
         "shard_size": int(cfg.cache.shard_size),
         "latent_shape": list(codec.latent_shape),
         "views": ["original", "flipped"] if cfg.cache.views == "both" else ["original"],

@@ -12,7 +12,9 @@ import ast
 import functools
 import hashlib
 import os
+import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,14 +87,112 @@ OmegaConf.register_new_resolver("dsr.reference_t_max", reference_t_max, replace=
 
 
 # --------------------------------------------------------------------------------------------------------
+# one spelling per concept: the old ones still work, with a warning naming the new
+# --------------------------------------------------------------------------------------------------------
+
+
+class DeprecatedName(FutureWarning):
+    """A setting spelled the old way; the message names the one spelling it now has (README "Names")."""
+
+
+# Old dotted key -> the one spelling, per command config. The table README "Names" shows, and tests walk.
+_STAGE_KEYS = {
+    "encoder.input_size": "encoder.resolution",  # pixels a frozen network sees; input_size is the latent grid
+    "module.codec": "module.encoder",  # stage=decoder: the `encoder` group, as in stage=dit
+    "module.discriminator.input_size": "module.discriminator.resolution",
+}
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "train": _STAGE_KEYS,
+    "stats": {**_STAGE_KEYS, "stats.num_samples": "stats.num_images"},
+    "cache_latents": {**_STAGE_KEYS, "cache.num_samples": "cache.num_images"},
+    "analyze": {**_STAGE_KEYS, "analyze.out_dir": "analyze.output", "analyze.device": "accelerator"},
+    "sample": {"out_dir": "output"},
+    "evaluate": {"out": "output", "device": "accelerator"},
+}
+# Old values -> Lightning's precision names, which trainer.precision and sample's precision already use.
+RENAMED_VALUES: dict[str, dict[str, str]] = {"encoder.precision": {"bf16": "bf16-mixed", "fp32": "32-true"}}
+_OVERRIDE = re.compile(r"^(?P<prefix>~|\+\+|\+)?(?P<key>[A-Za-z_][\w.]*)(?P<rest>(=.*)?)$", re.DOTALL)
+
+
+def _deprecated(old: str, new: str) -> None:
+    # Explicit, without a source line: the old spelling is in the user's command line or config, not in this file.
+    warnings.warn_explicit(f"{old} is deprecated: use {new}", DeprecatedName, filename="dsr", lineno=0)
+
+
+def rename_overrides(config_name: str, overrides: Sequence[str]) -> list[str]:
+    """Command-line overrides with old key (and value) spellings replaced by the current ones, each with a warning."""
+    keys, renamed = RENAMED_KEYS.get(config_name, {}), []
+    for override in overrides:
+        match = _OVERRIDE.match(override)
+        if match is None:
+            renamed.append(override)
+            continue
+        prefix, key, rest = match.group("prefix") or "", match.group("key"), match.group("rest")
+        if key in keys:
+            _deprecated(key, keys[key])
+            key = keys[key]
+        values = RENAMED_VALUES.get(key, {})
+        if rest[1:] in values:
+            _deprecated(f"{key}={rest[1:]}", f"{key}={values[rest[1:]]}")
+            rest = f"={values[rest[1:]]}"
+        renamed.append(f"{prefix}{key}{rest}")
+    return renamed
+
+
+def _node(cfg: DictConfig, dotted: str) -> DictConfig | None:
+    """The mapping at `dotted`, or None if it is absent or reached through an interpolation (`module.encoder` is
+    `${encoder}` in a live config: renaming `encoder` covers it)."""
+    node = cfg
+    for part in dotted.split(".") if dotted else ():
+        if not isinstance(node, DictConfig) or part not in node or OmegaConf.is_interpolation(node, part):
+            return None
+        node = node[part]
+    return node if isinstance(node, DictConfig) else None
+
+
+def _stored_copies(table: dict[str, Any], keys: bool) -> dict[str, Any]:
+    """A stored (resolved) config holds a copy of the encoder node under `module.encoder`: the same renames apply."""
+    copies = {f"module.{k}": f"module.{v}" if keys else v for k, v in table.items() if k.startswith("encoder.")}
+    return {**table, **copies}
+
+
+def rename_keys(config_name: str, cfg: DictConfig, warn: bool = True) -> DictConfig:
+    """Move settings spelled the old way (in a config file of the user's, or a stored config) to the current
+    spelling, in place; `warn=False` for stored configs, which their users cannot edit."""
+    for old, new in _stored_copies(RENAMED_KEYS.get(config_name, {}), keys=True).items():
+        parent_key, _, leaf = old.rpartition(".")
+        parent = _node(cfg, parent_key)
+        if parent is None or leaf not in parent:
+            continue
+        if warn:
+            _deprecated(old, new)
+        value = OmegaConf.to_container(parent, resolve=False)[leaf]  # interpolations stay interpolations
+        with open_dict(cfg):
+            OmegaConf.update(cfg, new, value, merge=False, force_add=True)
+            del parent[leaf]
+    for key, values in _stored_copies(RENAMED_VALUES, keys=False).items():
+        parent_key, _, leaf = key.rpartition(".")
+        parent = _node(cfg, parent_key)
+        if parent is None or leaf not in parent or OmegaConf.is_interpolation(parent, leaf):
+            continue
+        value = parent[leaf]
+        if isinstance(value, str) and value in values:
+            if warn:
+                _deprecated(f"{key}={value}", f"{key}={values[value]}")
+            parent[leaf] = values[value]
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------
 # composing, building, storing
 # --------------------------------------------------------------------------------------------------------
 
 
 def compose(config_name: str, overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> DictConfig:
     """The config `python -m dsr.<command> <overrides>` would run (`config_name`: train, sample, stats, ...), with
-    Hydra's runtime (`${hydra:runtime.choices.*}`) set. With `run_dir`, `paths.run_dir` is that folder."""
-    overrides = list(overrides)
+    Hydra's runtime (`${hydra:runtime.choices.*}`) set. With `run_dir`, `paths.run_dir` is that folder. Settings
+    spelled the old way are renamed, with a `DeprecatedName` warning."""
+    overrides = rename_overrides(config_name, overrides)
     if run_dir is not None:
         overrides.append(f"hydra.run.dir={run_dir}")
     GlobalHydra.instance().clear()
@@ -102,6 +202,7 @@ def compose(config_name: str, overrides: Sequence[str] = (), run_dir: str | Path
     finally:
         GlobalHydra.instance().clear()
     HydraConfig.instance().set_config(cfg)
+    rename_keys(config_name, cfg)
     if run_dir is not None:
         with open_dict(cfg):
             cfg.paths.run_dir = str(run_dir)
@@ -161,12 +262,17 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
     way, before Hydra starts."""
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        @functools.wraps(task)
+        def renamed(cfg: DictConfig) -> Any:
+            return task(rename_keys(config_name, cfg))
+
         hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(
-            report_config_errors(task)
+            report_config_errors(renamed)
         )
 
         @functools.wraps(hydra_main)
         def main() -> Any:
+            sys.argv[1:] = rename_overrides(config_name, sys.argv[1:])  # before Hydra parses them
             check_overrides(config_name, sys.argv[1:])
             return hydra_main()
 
@@ -188,6 +294,8 @@ def check_overrides(config_name: str, argv: Sequence[str]) -> None:
     try:
         if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(list(argv))):
             return  # a sweep (cluster=slurm_8gpu runs every command as one): Hydra's launcher composes each job
-        compose(config_name, argv)
+        with warnings.catch_warnings():  # Hydra's own composition that follows warns once
+            warnings.simplefilter("ignore", DeprecatedName)
+            compose(config_name, argv)
     except HydraException as err:
         raise ValueError(" ".join(str(err).split("Config search path:")[0].split())) from None

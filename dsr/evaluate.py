@@ -53,13 +53,13 @@ def main(cfg: DictConfig) -> dict:
         reference=cfg.reference,
         inception_weights=weights,
         batch_size=cfg.batch_size,
-        device=cfg.device,
+        device=cfg.accelerator,
         precision_recall=cfg.precision_recall,
         cache_dir=cfg.cache_dir,
         progress=sys.stderr.isatty(),
     )
     samples = Path(cfg.samples)
-    out = Path(cfg.out) if cfg.out else samples.parent / f"{samples.stem}_metrics.json"
+    out = Path(cfg.output) if cfg.output else samples.parent / f"{samples.stem}_metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     # JSON has no NaN; metrics that could not be computed are null.
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

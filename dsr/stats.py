@@ -1,6 +1,6 @@
 """Latent normalisation statistics: the exact per-position mean and variance [C, h, w] of an encoder's latents.
 
-    python -m dsr.stats encoder=siglip2_b data=imagenet [stats.num_samples=N] [stats.views=both] [devices=8]
+    python -m dsr.stats encoder=siglip2_b data=imagenet [stats.num_images=N] [stats.views=both] [devices=8]
 
 Every image contributes its latent and, with `views=both` (the default), the latent of its mirror image, since
 stage 2 trains on randomly flipped images. Moments are accumulated in float64 with Chan et al.'s pairwise update
@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> Path:
     fabric = launch_fabric(cfg.accelerator, cfg.devices)
     codec = build(cfg.encoder).to(fabric.device).eval()
     dataset = build(without_flip(cfg.data.dataset))
-    indices = subset_indices(len(dataset), cfg.stats.num_samples, cfg.seed)
+    indices = subset_indices(len(dataset), cfg.stats.num_images, cfg.seed)
     mine = Subset(dataset, indices[fabric.global_rank :: fabric.world_size])
     if fabric.global_rank == 0:
         log.info(

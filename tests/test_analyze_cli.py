@@ -77,15 +77,15 @@ def encoder_overrides(model_dir: Path, out_dir: Path, *extra: str) -> list[str]:
         "encoder=tiny",
         f"encoder.pretrained={model_dir}",
         "encoder.config=null",
-        "encoder.input_size=16",
+        "encoder.resolution=16",
         "data=synthetic",
         "data.image_size=16",
         f"data.dataset._target_={__name__}.PlantedImages",
         "data.dataset.num_samples=24",
         "analyze.num_images=null",  # all 24, in order
         "analyze.batch_size=10",  # batches of 10, 10 and 4: the merged statistics must equal one pass
-        "analyze.device=cpu",
-        f"analyze.out_dir={out_dir}",
+        "accelerator=cpu",
+        f"analyze.output={out_dir}",
         *extra,
     ]
 
@@ -237,7 +237,7 @@ def test_dit_target_and_outlier_monitor_on_a_tiny_run(run_train, tmp_path):
     torch.save(checkpoint, planted)
     overrides = [
         "analyze.target=dit", f"analyze.ckpt={planted}", "analyze.times=[0.3,0.7]", "analyze.num_images=12",
-        "analyze.batch_size=5", "analyze.num_maps=2", "analyze.device=cpu", "analyze.data_source=config",
+        "analyze.batch_size=5", "analyze.num_maps=2", "accelerator=cpu", "analyze.data_source=config",
         "data=synthetic", "data.image_size=16", "data.num_classes=4", f"data.dataset._target_={__name__}.PlantedImages",
         "data.dataset.num_samples=24", "+data.dataset.b_scale=0.0",
     ]  # fmt: skip

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import compose_train
+import torch
+from helpers import compose_script, compose_train
 
 from dsr.config import report_config_errors
 from dsr.lightning.preflight import MissingPrerequisites, check_prerequisites, missing_prerequisites
@@ -138,3 +139,132 @@ def test_the_override_check_leaves_sweeps_and_flags_to_hydra(capsys):
     with pytest.raises(SystemExit) as exit_info:
         check_overrides("train", ["backbone=nope"])
     assert exit_info.value.code == 2 and "Could not find 'backbone/nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One spelling per concept; the old ones still work, with a warning naming the new
+# ------------------------------------------------------------------------------------------------------------------
+
+DECODER_STAGE = ["stage=decoder", "encoder=tiny", "decoder=tiny"]
+# (command config, what it needs besides, old key, a value, the key it must land on)
+OLD_KEYS = [
+    ("train", ["encoder=tiny"], "encoder.input_size", "16", "encoder.resolution"),
+    ("train", DECODER_STAGE, "module.codec", "null", "module.encoder"),
+    ("train", DECODER_STAGE, "module.discriminator.input_size", "64", "module.discriminator.resolution"),
+    ("stats", [], "stats.num_samples", "7", "stats.num_images"),
+    ("cache_latents", [], "cache.num_samples", "7", "cache.num_images"),
+    ("analyze", [], "analyze.out_dir", "elsewhere", "analyze.output"),
+    ("analyze", [], "analyze.device", "cpu", "accelerator"),
+    ("sample", ["ckpt=x.ckpt"], "out_dir", "elsewhere", "output"),
+    ("evaluate", ["samples=a.npz", "reference=b.npz"], "out", "m.json", "output"),
+    ("evaluate", ["samples=a.npz", "reference=b.npz"], "device", "cpu", "accelerator"),
+]
+
+
+def test_every_renamed_setting_is_checked_here():
+    from dsr.config import RENAMED_KEYS
+
+    renamed = {(old, new) for table in RENAMED_KEYS.values() for old, new in table.items()}
+    assert renamed == {(old, new) for _, _, old, _, new in OLD_KEYS}
+
+
+@pytest.mark.parametrize(("config", "needs", "old", "value", "new"), OLD_KEYS, ids=[c[2] for c in OLD_KEYS])
+def test_an_old_spelling_on_the_command_line_lands_on_the_new_key_with_a_warning(config, needs, old, value, new):
+    import yaml
+    from omegaconf import OmegaConf
+
+    from dsr.config import DeprecatedName, compose
+
+    with pytest.warns(DeprecatedName, match=f"^{old} is deprecated: use {new}$"):
+        cfg = compose(config, [*needs, f"{old}={value}"])
+    assert OmegaConf.select(cfg, new) == yaml.safe_load(value)
+    parent, _, leaf = old.rpartition(".")
+    assert leaf not in (OmegaConf.select(cfg, parent) if parent else cfg)
+
+
+def test_an_old_spelling_in_a_users_config_file_takes_effect(tmp_path):
+    """A user's experiment file written with the old names builds the encoder it asked for."""
+    from dsr.config import DeprecatedName, build, compose
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\nencoder:\n  input_size: 16\n  precision: fp32\n"
+    )
+    overrides = ["encoder=tiny", f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine", "encoder.stats=null",
+                 "encoder.decoder=null", "encoder.decoder_weights=null"]  # fmt: skip
+    with pytest.warns(DeprecatedName) as warned:
+        cfg = compose("train", overrides)
+    messages = {str(w.message) for w in warned}
+    assert "encoder.input_size is deprecated: use encoder.resolution" in messages
+    assert "encoder.precision=fp32 is deprecated: use encoder.precision=32-true" in messages
+    assert "input_size" not in cfg.encoder and cfg.encoder.precision == "32-true"
+    encoder = build(cfg.encoder)
+    assert encoder.resolution == 16 and tuple(encoder.latent_shape) == (64, 4, 4)  # 16 px / patch 4, not 32 px
+
+
+def test_an_old_value_spelling_on_the_command_line_is_renamed():
+    from dsr.config import DeprecatedName, compose
+
+    with pytest.warns(DeprecatedName, match="^encoder.precision=bf16 is deprecated: use encoder.precision=bf16-mixed"):
+        cfg = compose("train", ["encoder.precision=bf16"])
+    assert cfg.encoder.precision == "bf16-mixed"
+
+
+def test_a_checkpoint_storing_old_spellings_loads_silently_as_it_was(tmp_path):
+    """Stored configs cannot be edited by their users: they are renamed without a warning and rebuild the same model."""
+    import warnings
+
+    from dsr.config import build, resolved_config
+    from dsr.lightning.dit_module import DiTModule
+
+    cfg = compose_train(["experiment=quickstart_rae", "encoder.stats=null", "encoder.decoder_weights=null",
+                         "encoder.resolution=16", "data.image_size=16", "backbone.depth=2"], tmp_path)  # fmt: skip
+    module = build(cfg.module)
+    stored = resolved_config(cfg)
+    stored["encoder"]["input_size"] = stored["encoder"].pop("resolution")  # as written before the rename
+    stored["encoder"]["precision"] = "fp32"
+    stored["module"]["encoder"] = stored["encoder"]
+    torch.save({"state_dict": module.state_dict(), "dsr": {"config": stored}}, tmp_path / "old.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = DiTModule.from_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.encoder.resolution == 16 and loaded.encoder.precision == "32-true"
+    assert tuple(loaded.latent_shape) == (64, 4, 4)
+    for key, value in module.backbone.state_dict().items():
+        assert torch.equal(loaded.backbone.state_dict()[key], value)
+
+
+def test_num_images_caches_the_same_seeded_subset_that_stats_reads(tmp_path):
+    from dsr.cache_latents import run
+    from dsr.config import build
+    from dsr.data.latents import CachedLatents
+    from dsr.data.views import subset_indices, without_flip
+
+    overrides = ["experiment=quickstart_rae", "encoder.stats=null", "data.dataset.num_samples=20", "seed=3",
+                 "cache.num_images=6", "cache.views=original", "cache.dtype=float32", "cache.shard_size=4",
+                 f"cache.output={tmp_path / 'cache'}", f"paths.artifacts={tmp_path}"]  # fmt: skip
+    cfg = compose_script("cache_latents", overrides)
+    run(cfg)
+    cached = CachedLatents(tmp_path / "cache")
+    dataset = build(without_flip(cfg.data.dataset))
+    picked = subset_indices(len(dataset), 6, 3)
+    assert len(cached) == 6 and picked != list(range(6))
+    encoder = build(cfg.encoder).eval()
+    with torch.no_grad():
+        expected = encoder.tokens(torch.stack([dataset[i][0] for i in picked]))
+    for row, index in enumerate(picked):
+        latents, label = cached[row]
+        assert label == dataset[index][1]
+        torch.testing.assert_close(latents, expected[row], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_documented_command_line_with_an_old_spelling_still_runs(tmp_path):
+    ckpt = REPO / "tests" / "fixtures" / "quickstart_before_interval.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "dsr.sample", f"ckpt={ckpt}", f"out_dir={tmp_path / 'old'}", "num_samples=2",
+               "batch_size=2", "shard_size=2", "sampler.solver.num_steps=3", "accelerator=cpu"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "out_dir is deprecated: use output" in result.stderr
+    assert (tmp_path / "old" / "samples.npz").is_file()

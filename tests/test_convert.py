@@ -640,7 +640,7 @@ def tiny_hub_dirs(root: Path) -> dict[str, Path]:
     return dirs
 
 
-SHRINK_CODEC = ["data.image_size=16", "encoder.input_size=16"]
+SHRINK_CODEC = ["data.image_size=16", "encoder.resolution=16"]
 SHRINK_DECODER = ["decoder.hidden_size=32", "decoder.depth=1", "decoder.num_heads=2", "decoder.mlp_dim=64",
                   "decoder.patch_size=4"]  # fmt: skip
 SHRINK_BACKBONE = ["backbone.hidden_size=32", "backbone.depth=2", "backbone.num_heads=2", "backbone.register_start=1"]

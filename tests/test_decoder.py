@@ -19,7 +19,7 @@ from dsr.models.discriminator import DINODiscriminator, diff_augment
 from dsr.models.perceptual import LPIPS, vgg_trunk_state_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY_DISC = dict(random_init=True, input_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, taps=(0, 1))
+TINY_DISC = dict(random_init=True, resolution=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, taps=(0, 1))
 
 
 def tiny_decoder(**kwargs) -> ViTDecoder:

@@ -68,7 +68,7 @@ def images() -> torch.Tensor:
 
 
 def test_siglip_tokens_match_the_hf_model(siglip_dir, images):
-    encoder = SigLIP2(pretrained=str(siglip_dir), image_size=32, precision="fp32")
+    encoder = SigLIP2(pretrained=str(siglip_dir), image_size=32, precision="32-true")
     reference = SiglipVisionModel.from_pretrained(siglip_dir).eval()
     with torch.no_grad():
         out = reference(pixel_values=(images - 0.5) / 0.5, output_hidden_states=True)
@@ -85,7 +85,7 @@ def test_siglip_tokens_match_the_hf_model(siglip_dir, images):
 
 
 def test_resize_to_the_encoder_input(siglip_dir):
-    encoder = SigLIP2(pretrained=str(siglip_dir), image_size=48, precision="fp32")
+    encoder = SigLIP2(pretrained=str(siglip_dir), image_size=48, precision="32-true")
     big = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
     resized = F.interpolate(big, size=(32, 32), mode="bicubic", align_corners=False)
     torch.testing.assert_close(encoder.tokens(big), encoder.tokens(resized))
@@ -96,7 +96,7 @@ def test_siglip2_naflex_matches_the_hf_processor(tmp_path):
     model = Siglip2Model(Siglip2Config(vision_config={**VISION, "num_patches": 64}, text_config=TEXT))
     randomise_norms(model)
     model.save_pretrained(tmp_path)
-    encoder = SigLIP2(pretrained=str(tmp_path), image_size=32, precision="fp32")
+    encoder = SigLIP2(pretrained=str(tmp_path), image_size=32, precision="32-true")
     assert encoder.naflex and encoder.latent_shape == (32, 8, 8)
 
     pixels = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
@@ -122,7 +122,7 @@ def test_dinov2_drops_cls_and_registers(tmp_path, registers):
         model = Dinov2Model(Dinov2Config(**common))
     randomise_norms(model)
     model.save_pretrained(tmp_path)
-    encoder = DINOv2(pretrained=str(tmp_path), input_size=28, image_size=32, precision="fp32")
+    encoder = DINOv2(pretrained=str(tmp_path), resolution=28, image_size=32, precision="32-true")
     assert encoder.num_prefix_tokens == 1 + registers
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
 
@@ -141,7 +141,7 @@ def test_normalisation_round_trip_and_stats_file(siglip_dir, images, tmp_path):
     mean = torch.randn(32, 8, 8, generator=generator)
     var = torch.rand(32, 8, 8, generator=generator) + 0.1
     torch.save({"mean": mean, "var": var}, tmp_path / "stats.pt")
-    encoder = SigLIP2(pretrained=str(siglip_dir), image_size=32, stats=str(tmp_path / "stats.pt"), precision="fp32")
+    encoder = SigLIP2(pretrained=str(siglip_dir), image_size=32, stats=str(tmp_path / "stats.pt"), precision="32-true")
     raw = encoder.tokens(images)
     z = encoder.encode(images)
     expected = (raw.double() - mean.double()) / torch.sqrt(var.double() + 1e-5)
@@ -193,10 +193,10 @@ def test_test_time_registers_are_installed_from_the_config(siglip_dir, images, t
 
     neurons = {0: [3, 17], 1: [5]}
     (tmp_path / "neurons.json").write_text('{"0": [3, 17], "1": [5]}')
-    encoder = SigLIP2(pretrained=str(siglip_dir), image_size=32, precision="fp32", registers="ttr",
+    encoder = SigLIP2(pretrained=str(siglip_dir), image_size=32, precision="32-true", registers="ttr",
                       ttr_neurons=str(tmp_path / "neurons.json"))  # fmt: skip
     assert encoder.test_time_registers is not None and encoder.test_time_registers.installed
-    plain = SigLIP2(pretrained=str(siglip_dir), image_size=32, precision="fp32")
+    plain = SigLIP2(pretrained=str(siglip_dir), image_size=32, precision="32-true")
     with TestTimeRegisters(plain.model, neurons):
         expected = plain.tokens(images)
     z = encoder.tokens(images)

@@ -428,7 +428,7 @@ def test_cli_end_to_end(tmp_path, inception_weights, monkeypatch, capsys):
     np.savez(tmp_path / "samples.npz", arr_0=random_images(10, seed=18))
     monkeypatch.setenv("DSR_INCEPTION_WEIGHTS", str(inception_weights))
     monkeypatch.chdir(tmp_path)
-    args = ["samples=samples.npz", "reference=samples.npz", "device=cpu", f"cache_dir={tmp_path / 'cache'}"]
+    args = ["samples=samples.npz", "reference=samples.npz", "accelerator=cpu", f"cache_dir={tmp_path / 'cache'}"]
     monkeypatch.setattr(sys, "argv", ["dsr.evaluate", *args])
     GlobalHydra.instance().clear()
     try:

@@ -57,7 +57,7 @@ def compose_sample(overrides: list[str]) -> DictConfig:
 
 
 def run_sample(ckpt: Path, out_dir: Path | None, *overrides: str) -> Path:
-    out = [f"out_dir={out_dir}"] if out_dir is not None else []
+    out = [f"output={out_dir}"] if out_dir is not None else []
     return sample.run(compose_sample([f"ckpt={ckpt}", *FAST, *out, *overrides]))
 
 
@@ -236,7 +236,7 @@ def test_refuses_bad_settings(ckpt, tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         run_sample(ckpt, tmp_path, "num_samples=2", "num_classes=5")
     with pytest.raises(ValueError, match="ckpt is required"):
-        sample.run(compose_sample([f"out_dir={tmp_path}"]))
+        sample.run(compose_sample([f"output={tmp_path}"]))
     missing = tmp_path / "nope.ckpt"
     with pytest.raises(FileNotFoundError, match="ckpt=") as err:
         run_sample(missing, tmp_path)
@@ -248,7 +248,7 @@ def test_cli(ckpt, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "cli"
     args = [sys.executable, "-m", "dsr.sample", f"ckpt={ckpt}", "num_samples=10", "batch_size=4", "shard_size=4"]
-    args += ["sampler.solver.num_steps=3", f"out_dir={out}", "accelerator=cpu"]
+    args += ["sampler.solver.num_steps=3", f"output={out}", "accelerator=cpu"]
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert str(out / "samples.npz") in result.stdout

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset, DistributedSampler
 
+from dsr.config import rename_keys
 from dsr.utils import files
 
 _HINT = "write a cache with `python -m dsr.cache_latents encoder=<name> data=<dataset>` or set data.dataset.root"
@@ -72,7 +74,8 @@ class CachedLatents(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, view = key if isinstance(key, tuple) else (key, 0)
         shard, row = divmod(int(index), self.shard_size)
-        latents = torch.from_numpy(np.asarray(self._shard(shard)[row, view], dtype=np.float32))
+        # A copy: the shards are read-only memory maps.
+        latents = torch.from_numpy(np.array(self._shard(shard)[row, view], dtype=np.float32))
         return latents, int(self.labels[index])
 
     def check_encoder(self, encoder: Mapping, latent_shape: tuple[int, ...]) -> None:
@@ -82,8 +85,9 @@ class CachedLatents(Dataset):
                 f"data.dataset.root={self.root} holds latents of shape {self.latent_shape}, but the encoder makes "
                 f"{tuple(latent_shape)}: cache this encoder's latents or choose the matching encoder"
             )
-        cached = self.manifest.get("encoder", {})
-        keys = ("_target_", "pretrained", "input_size", "config", "registers")
+        stored = rename_keys("train", OmegaConf.create({"encoder": self.manifest.get("encoder", {})}), warn=False)
+        cached = OmegaConf.to_container(stored.encoder)
+        keys = ("_target_", "pretrained", "resolution", "config", "registers")
         differ = [k for k in keys if k in cached and k in encoder and cached[k] != encoder[k]]
         if differ:
             raise ValueError(

@@ -17,12 +17,13 @@ def views_of(images: Tensor, views: str) -> Tensor:
     return torch.cat([images, images.flip(-1)]) if views == "both" else images
 
 
-def subset_indices(size: int, num_samples: int | None, seed: int) -> list[int]:
-    """All indices, or a seeded random subset of `num_samples` of them (sorted)."""
-    if num_samples is None or num_samples >= size:
+def subset_indices(size: int, num_images: int | None, seed: int) -> list[int]:
+    """All indices, or a seeded random subset of `num_images` of them (sorted): what `num_images` means in every
+    command that reads part of a dataset (stats, cache_latents, analyze)."""
+    if num_images is None or num_images >= size:
         return list(range(size))
     generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(size, generator=generator)[:num_samples].tolist())
+    return sorted(torch.randperm(size, generator=generator)[:num_images].tolist())
 
 
 def without_flip(dataset_node: DictConfig) -> DictConfig:

@@ -37,18 +37,18 @@ def load_dinov2(
 
 
 class DINOv2(RepresentationAutoencoder):
-    """DINOv2 -> patch tokens [B, (input_size / 14)^2, 768]; CLS and trained registers removed.
+    """DINOv2 -> patch tokens [B, (resolution / 14)^2, 768]; CLS and trained registers removed.
 
     Args:
         pretrained: hub id or local directory; None builds a random model from `config` (seeded by `seed`).
-        input_size: the encoder's input resolution (224 for 256 px images, as RAE).
+        resolution: the encoder's input resolution in pixels (224 for 256 px images, as RAE).
         Other keywords: see `SigLIP2` and `RepresentationAutoencoder`.
     """
 
     def __init__(
         self,
         pretrained: str | None = "facebook/dinov2-with-registers-base",
-        input_size: int = 224,
+        resolution: int = 224,
         image_size: int = 256,
         config: dict | None = None,
         seed: int = 0,
@@ -61,7 +61,7 @@ class DINOv2(RepresentationAutoencoder):
         super().__init__(
             model,
             final_norm="layernorm",
-            input_size=input_size,
+            resolution=resolution,
             image_size=image_size,
             pixel_mean=pixel_mean,
             pixel_std=pixel_std,

@@ -30,6 +30,7 @@ from dsr.utils.frozen import keep_frozen_in_eval, mark_frozen
 log = logging.getLogger(__name__)
 
 ENCODER_REGISTERS = ("none", "trained", "ttr", "recursive_ttr")
+ENCODER_PRECISIONS = ("bf16-mixed", "32-true")  # Lightning's names, as trainer.precision spells them
 STATS_HINT = (
     "compute them with `python -m dsr.stats encoder=<name> data=<dataset>` or import released ones with dsr.convert"
 )
@@ -108,8 +109,8 @@ class RepresentationAutoencoder(nn.Module):
     Args:
         model: the pretrained Hugging Face encoder (frozen here); its config gives the width C and the patch size.
         final_norm: the attribute of `model` holding its final LayerNorm, replaced by one without affine (RAE).
-        input_size: the encoder's input resolution (images are resized to it, bicubic as the reference); the
-            latent grid is input_size / patch_size on each side.
+        resolution: the encoder's input resolution in pixels (images are resized to it, bicubic as the reference);
+            the latent grid is resolution / patch_size on each side.
         image_size: the data's resolution, which the decoder reproduces.
         pixel_mean, pixel_std: the encoder's own image normalisation.
         decoder: factory `decoder(in_channels=C, grid_size=h)` of the pixel decoder, or None.
@@ -118,7 +119,8 @@ class RepresentationAutoencoder(nn.Module):
         stats: a statistics file (see `load_stats`); None means mean 0, variance 1.
         noise_tau: decoder-training noise augmentation, sigma ~ U(0, tau) per sample (active in train mode).
         eps: inside the square root of the normalisation, 1e-5 as the reference.
-        precision: "bf16" runs the encoder under bf16 autocast where the device supports it; "fp32" as the reference.
+        precision: Lightning's names: "bf16-mixed" runs the encoder under bf16 autocast where the device supports it;
+            "32-true" in float32, as the reference.
         registers: encoder-side registers. "none"; "trained" (the checkpoint's own, DINOv2-with-registers: checked);
             "ttr" / "recursive_ttr": test-time registers at the neurons of `ttr_neurons` / `recursive_ttr_neurons`
             (a shipped list name, "siglip2_b" or "siglip2_so400m", or a JSON file from `dsr.analyze`).
@@ -131,7 +133,7 @@ class RepresentationAutoencoder(nn.Module):
         model: nn.Module,
         *,
         final_norm: str,
-        input_size: int,
+        resolution: int,
         image_size: int,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
@@ -141,7 +143,7 @@ class RepresentationAutoencoder(nn.Module):
         stats: str | None = None,
         noise_tau: float = 0.0,
         eps: float = 1e-5,
-        precision: str = "bf16",
+        precision: str = "bf16-mixed",
         registers: str = "none",
         ttr_neurons: str | None = None,
         recursive_ttr_neurons: str | None = None,
@@ -149,21 +151,21 @@ class RepresentationAutoencoder(nn.Module):
         dsr_registers: str = "none",
     ) -> None:
         super().__init__()
-        if precision not in ("bf16", "fp32"):
-            raise ValueError(f"encoder.precision={precision!r}: choose bf16 or fp32")
+        if precision not in ENCODER_PRECISIONS:
+            raise ValueError(f"encoder.precision={precision!r}: choose one of {ENCODER_PRECISIONS}")
         if registers not in ENCODER_REGISTERS or dsr_registers not in ENCODER_REGISTERS:
             raise ValueError(f"encoder.registers={registers!r}: choose one of {ENCODER_REGISTERS}")
         config = model.config
-        if input_size % config.patch_size:
-            raise ValueError(f"encoder.input_size={input_size} is not a multiple of the patch size {config.patch_size}")
-        hidden_size, grid_size = config.hidden_size, input_size // config.patch_size
+        if resolution % config.patch_size:
+            raise ValueError(f"encoder.resolution={resolution} is not a multiple of the patch size {config.patch_size}")
+        hidden_size, grid_size = config.hidden_size, resolution // config.patch_size
         setattr(model, final_norm, nn.LayerNorm(hidden_size, eps=config.layer_norm_eps, elementwise_affine=False))
         self.model = mark_frozen(model)
         self.registers = registers
         self.test_time_registers = self._install_registers(registers, ttr_neurons, recursive_ttr_neurons,
                                                            num_test_time_registers)  # fmt: skip
         self.latent_shape: tuple[int, int, int] = (hidden_size, grid_size, grid_size)
-        self.input_size = input_size
+        self.resolution = resolution
         self.image_size = image_size
         self.noise_tau = noise_tau
         self.eps = eps
@@ -235,19 +237,19 @@ class RepresentationAutoencoder(nn.Module):
     # ---------------------------------------------------------------------------------------------------
 
     def forward_tokens(self, pixels: Tensor) -> Tensor:
-        """Encoder-normalised pixels [B, 3, input_size, input_size] -> patch tokens [B, N, C] (row-major grid)."""
+        """Encoder-normalised pixels [B, 3, resolution, resolution] -> patch tokens [B, N, C] (row-major grid)."""
         raise NotImplementedError
 
     def preprocess(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> the encoder's input: resized (bicubic, no antialias) and normalised."""
-        if images.shape[-2:] != (self.input_size, self.input_size):
-            images = F.interpolate(images, size=(self.input_size,) * 2, mode="bicubic", align_corners=False)
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            images = F.interpolate(images, size=(self.resolution,) * 2, mode="bicubic", align_corners=False)
         return (images - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()
     def tokens(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> raw latents [B, C, h, w] (float32)."""
-        bf16 = self.precision == "bf16" and images.is_cuda and torch.cuda.is_bf16_supported()
+        bf16 = self.precision == "bf16-mixed" and images.is_cuda and torch.cuda.is_bf16_supported()
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
             tokens = self.forward_tokens(self.preprocess(images.float()))
         channels, height, width = self.latent_shape

@@ -37,11 +37,12 @@ def load_siglip(
 
 
 class SigLIP2(RepresentationAutoencoder):
-    """SigLIP / SigLIP2 vision tower -> patch tokens [B, (input_size / patch)^2, hidden].
+    """SigLIP / SigLIP2 vision tower -> patch tokens [B, (resolution / patch)^2, hidden].
 
     Args:
         pretrained: hub id or local directory; None builds a random model from `config` (seeded by `seed`).
-        input_size: the encoder's input resolution; default: the checkpoint's own (required for NaFlex checkpoints).
+        resolution: the encoder's input resolution in pixels; default: the checkpoint's own (required for NaFlex
+            checkpoints).
         local_files_only: never download unless set to false.
         Other keywords: see `RepresentationAutoencoder`.
     """
@@ -49,7 +50,7 @@ class SigLIP2(RepresentationAutoencoder):
     def __init__(
         self,
         pretrained: str | None = "google/siglip2-base-patch16-256",
-        input_size: int | None = None,
+        resolution: int | None = None,
         image_size: int = 256,
         config: dict | None = None,
         seed: int = 0,
@@ -62,11 +63,11 @@ class SigLIP2(RepresentationAutoencoder):
         vision = model.config
         naflex = isinstance(model, Siglip2VisionModel)
         native_size = int(vision.num_patches**0.5) * vision.patch_size if naflex else vision.image_size
-        input_size = input_size or native_size
+        resolution = resolution or native_size
         super().__init__(
             model,
             final_norm="post_layernorm",
-            input_size=input_size,
+            resolution=resolution,
             image_size=image_size,
             pixel_mean=pixel_mean,
             pixel_std=pixel_std,
@@ -74,7 +75,7 @@ class SigLIP2(RepresentationAutoencoder):
         )
         self.patch_size = vision.patch_size
         self.naflex = naflex
-        self.interpolate_pos_encoding = input_size != native_size
+        self.interpolate_pos_encoding = resolution != native_size
 
     def forward_tokens(self, pixels: Tensor) -> Tensor:
         if not self.naflex:

@@ -92,10 +92,11 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
 
 
 class DecoderModule(L.LightningModule):
-    """Trains `codec.decoder`; everything else (encoder, LPIPS, discriminator backbone) is frozen.
+    """Trains `encoder.decoder`; everything else (encoder, LPIPS, discriminator backbone) is frozen.
 
     Args:
-        codec: the representation autoencoder, built with `freeze_decoder=False` and its noise augmentation `noise_tau`.
+        encoder: the representation autoencoder (the `encoder` group), built with `freeze_decoder=False` and its noise
+            augmentation `noise_tau`.
         lpips: factory of the perceptual loss, `lpips()(x_hat, x)` on images in [0, 1].
         discriminator: factory of the discriminator, `discriminator()(images in [-1, 1]) -> logits [B, N]`.
         optimizer, disc_optimizer: factories `optimizer(params)` of the decoder's and the discriminator's optimizers.
@@ -114,7 +115,7 @@ class DecoderModule(L.LightningModule):
 
     def __init__(
         self,
-        codec: RepresentationAutoencoder,
+        encoder: RepresentationAutoencoder,
         lpips: Callable[[], nn.Module],
         discriminator: Callable[[], nn.Module],
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
@@ -136,17 +137,17 @@ class DecoderModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if codec.decoder is None:
+        if encoder.decoder is None:
             raise ValueError("stage=decoder needs a decoder: set `decoder` (e.g. decoder=vit_xl)")
-        if not any(p.requires_grad for p in codec.decoder.parameters()):
+        if not any(p.requires_grad for p in encoder.decoder.parameters()):
             raise ValueError("the decoder is frozen: stage=decoder trains it, set encoder.freeze_decoder=false")
         self.automatic_optimization = False
         self.accumulate_grad_batches = 1  # micro-batches per optimizer step; dsr.train sets it from the batch plan
-        self.codec = codec
-        self.latent_shape: tuple[int, int, int] = tuple(codec.latent_shape)
+        self.codec = encoder  # `codec`: the prefix of the state-dict keys in decoder checkpoints
+        self.latent_shape: tuple[int, int, int] = tuple(encoder.latent_shape)
         self.lpips = lpips()
         self.discriminator = discriminator()
-        self.ema = ema_copy(codec.decoder, ema_decay)
+        self.ema = ema_copy(encoder.decoder, ema_decay)
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer or optimizer
         self.lr_schedule = (

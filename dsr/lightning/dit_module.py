@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import grad_norm
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from dsr.config import rename_keys
 from dsr.diffusion.guidance import ClassifierFreeGuidance
 from dsr.diffusion.transport import Transport
 from dsr.encoders.base import LatentCodec
@@ -195,7 +196,7 @@ class DiTModule(L.LightningModule):
         config = checkpoint.get("dsr", {}).get("config")
         if config is None:
             raise ValueError(f"{path} holds no dsr config: it was not written by dsr.train")
-        build = OmegaConf.create(config)
+        build = rename_keys("train", OmegaConf.create(config), warn=False)  # a checkpoint's older spellings
         if "stats" in build.module.encoder:
             build.module.encoder.stats = None  # the statistics are in the checkpoint; the file may have moved
         module = instantiate(build.module)

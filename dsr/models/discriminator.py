@@ -178,7 +178,7 @@ class DINODiscriminator(nn.Module):
     Args:
         dino_weights: DINO's `dino_vit_small_patch8_224.pth` (or a timm checkpoint of the same model).
         random_init: a random backbone instead of `dino_weights` (tests only).
-        input_size: the resolution images are resized to (224, DINO's).
+        resolution: the resolution images are resized to (224, DINO's).
         patch_size, embed_dim, depth, num_heads: the backbone (timm's `vit_small_patch8_224` by default).
         taps: blocks whose outputs feed a head, besides the final block's.
         kernel_size: of the heads' residual convolution.
@@ -189,7 +189,7 @@ class DINODiscriminator(nn.Module):
         self,
         dino_weights: str | os.PathLike | None = None,
         random_init: bool = False,
-        input_size: int = 224,
+        resolution: int = 224,
         patch_size: int = 8,
         embed_dim: int = 384,
         depth: int = 12,
@@ -201,13 +201,13 @@ class DINODiscriminator(nn.Module):
         super().__init__()
         if any(not 0 <= t < depth for t in taps):
             raise ValueError(f"module.discriminator.taps={list(taps)} must index blocks 0..{depth - 1}")
-        self.input_size = input_size
+        self.resolution = resolution
         self.taps = tuple(taps)
         self.backbone = timm.create_model(
             "vit_small_patch8_224",
             pretrained=False,
             num_classes=0,
-            img_size=input_size,
+            img_size=resolution,
             patch_size=patch_size,
             embed_dim=embed_dim,
             depth=depth,
@@ -234,7 +234,7 @@ class DINODiscriminator(nn.Module):
 
     def features(self, x: Tensor) -> list[Tensor]:
         """Images [B, 3, H, W] in [-1, 1] -> token features [B, C, L]: the final block's, then each tap's."""
-        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
         x = ((x + 1) / 2 - self.pixel_mean) / self.pixel_std
         last = len(self.backbone.blocks) - 1
         indices = sorted(set(self.taps) | {last})

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup train train-rae test test-fast lint format bench clean
+.PHONY: help setup train train-rae test test-fast lint format bench study clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ format: setup  ## ruff format and the fixable lint
 
 bench: setup  ## throughput / FLOP benchmarks -> benchmarks/results/
 	$(BIN)/python -m benchmarks.run
+
+study: setup  ## the small-scale registers study on 2 CPU cores (~35 min) -> experiments/small_scale/
+	$(BIN)/python -m benchmarks.small_scale
 
 clean:
 	rm -rf .pytest_cache .ruff_cache outputs multirun artifacts benchmarks/results

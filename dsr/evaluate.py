@@ -11,6 +11,10 @@ The numbers follow the ADM evaluation suite (Dhariwal & Nichol, 2021), which the
 All features come from torch-fidelity's TF1-compatible InceptionV3, whose weights are read from a local file (never
 downloaded here). The library is `dsr.metrics`; this module is the command
 `python -m dsr.evaluate samples=... reference=...`.
+
+Without Inception or ImageNet, `features=proxy data=digits` (or `data=synthetic`) scores samples of the built-in
+datasets in the features of an in-project classifier instead: FD, conditional accuracy (the share of samples
+classified as the class they were generated for), precision and recall, against the data's held-out split.
 """
 
 from __future__ import annotations
@@ -25,38 +29,71 @@ from omegaconf import DictConfig
 
 from dsr.config import entry_point
 from dsr.metrics.evaluation import evaluate
-from dsr.metrics.inception import resolve_inception_weights
+from dsr.metrics.inception import InceptionFeatures, resolve_inception_weights
+
+FEATURES = ("inception", "proxy")
+
+
+ROWS = [
+    ("fid", "FID"),
+    ("fd", "FD (proxy features)"),
+    ("inception_score_mean", "Inception Score"),
+    ("inception_score_std", "  (std over splits)"),
+    ("conditional_accuracy", "Conditional accuracy"),
+    ("precision", "Precision"),
+    ("recall", "Recall"),
+    ("num_samples", "Samples"),
+]
 
 
 def _format_table(metrics: dict) -> str:
-    rows = [
-        ("FID", metrics["fid"]),
-        ("Inception Score", metrics["inception_score_mean"]),
-        ("  (std over splits)", metrics["inception_score_std"]),
-        ("Precision", metrics["precision"]),
-        ("Recall", metrics["recall"]),
-        ("Samples", metrics["num_samples"]),
-    ]
     lines = []
-    for name, value in rows:
+    for key, name in ROWS:
+        if key not in metrics:
+            continue
+        value = metrics[key]
         text = "-" if value is None else f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
         lines.append(f"{name:<22}{text:>12}")
     return "\n".join(lines)
 
 
+def proxy_network(cfg: DictConfig):
+    """features=proxy: the classifier of the configured data (trained and cached on first use) and its held-out
+    reference."""
+    from dsr.config import build
+    from dsr.metrics.proxy import proxy_for
+
+    if cfg.get("data") is None:
+        raise ValueError("features=proxy needs the data the samples imitate: add data=digits or data=synthetic")
+    proxy = proxy_for(build(cfg.data.dataset), cfg.proxy_dir, progress=sys.stderr.isatty())
+    return proxy.network, str(proxy.reference)
+
+
 @entry_point("evaluate")
 def main(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    weights = resolve_inception_weights(cfg.inception_weights)  # missing weights: one line, before anything loads
+    if cfg.features not in FEATURES:
+        raise ValueError(f"features={cfg.features!r}: choose one of {FEATURES}")
+    if cfg.features == "proxy":
+        network, reference = proxy_network(cfg)
+        if cfg.reference is not None and str(cfg.reference) != reference:
+            raise ValueError(
+                f"features=proxy measures against the data's held-out split ({reference}): drop reference="
+            )
+    else:
+        if cfg.reference is None:
+            raise ValueError("reference is not set: reference=<ADM reference batch, image folder or statistics .npz>")
+        # Missing weights: one line, before anything loads.
+        network, reference = InceptionFeatures(resolve_inception_weights(cfg.inception_weights)), cfg.reference
     metrics = evaluate(
         samples=cfg.samples,
-        reference=cfg.reference,
-        inception_weights=weights,
+        reference=reference,
         batch_size=cfg.batch_size,
         device=cfg.accelerator,
         precision_recall=cfg.precision_recall,
         cache_dir=cfg.cache_dir,
         progress=sys.stderr.isatty(),
+        network=network,
     )
     samples = Path(cfg.samples)
     out = Path(cfg.output) if cfg.output else samples.parent / f"{samples.stem}_metrics.json"

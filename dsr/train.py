@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dsr.config import build, entry_point, resolved_config
+from dsr.lightning.callbacks import FIDEvaluation
 from dsr.lightning.checkpoint_io import AtomicCheckpointIO
 from dsr.lightning.preflight import check_prerequisites
 from dsr.models.profile import register_overhead
@@ -175,6 +176,8 @@ def report_outputs(run_dir: Path, trainer: L.Trainer) -> None:
     for callback in trainer.callbacks:
         if getattr(callback, "last_path", None):
             lines.append(f"sample grid:   {callback.last_path}")
+        if isinstance(callback, FIDEvaluation):
+            lines += [f"{name + ':':<28}{value:.4f}" for name, value in callback.last_metrics.items()]
     for logger in trainer.loggers:
         metrics_file = Path(logger.log_dir or "") / "metrics.csv" if hasattr(logger, "log_dir") else None
         if metrics_file is not None and metrics_file.is_file():

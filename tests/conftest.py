@@ -54,3 +54,18 @@ def inception_weights(tmp_path_factory) -> Path:
     path = folder / "weights-inception-2015-12-05-6726825d.pth"
     torch.save(net.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def proxy_dir(tmp_path_factory) -> Path:
+    """Where this test run caches its proxy classifiers (each trained once per run, ~10 s)."""
+    return tmp_path_factory.mktemp("proxy")
+
+
+@pytest.fixture(scope="session")
+def digits_proxy(proxy_dir):
+    """The proxy classifier of the 16 px digits (the size the quality tests train at)."""
+    from dsr.data.digits import Digits
+    from dsr.metrics.proxy import proxy_for
+
+    return proxy_for(Digits("train", image_size=16), proxy_dir)

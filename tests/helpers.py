@@ -32,6 +32,8 @@ TINY_RUN = [
     "trainer.max_steps=6",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
+    "callbacks.fid.every_n_steps=0",  # the quickstart's proxy FD at its last step: tests that want it turn it on
+    "evaluation.features=inception",
 ]
 
 

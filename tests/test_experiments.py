@@ -51,7 +51,7 @@ def readme_rows() -> list[dict[str, str]]:
 
 
 def experiment_files() -> set[str]:
-    return {p.stem for p in EXPERIMENT_DIR.glob("*.yaml") if not p.stem.startswith("quickstart")}
+    return {p.stem for p in EXPERIMENT_DIR.glob("*.yaml") if not p.stem.startswith(("quickstart", "small_scale"))}
 
 
 def script_experiments(script: Path) -> list[str]:

@@ -31,6 +31,8 @@ MAX_CLASSES = len(COLOURS) * len(SHAPES)
 
 # Shape extent as a fraction of the image side, and the supersampling factor used for antialiasing.
 MIN_SIZE, MAX_SIZE = 0.3, 0.6
+# The held-out twin (`heldout()`): its own seed stream, and enough images for 64-dimensional feature statistics.
+HELDOUT_SIZE, HELDOUT_SEED_OFFSET = 1024, 1_000_003
 SUPERSAMPLE = 4
 
 
@@ -112,6 +114,10 @@ class SyntheticShapes(Dataset):
         """(colour name, shape name) of a class."""
         names = list(COLOURS)
         return names[label % len(names)], SHAPES[label // len(names)]
+
+    def heldout(self) -> SyntheticShapes:
+        """A held-out twin: the same families drawn from another seed, what generated shapes are compared with."""
+        return SyntheticShapes(HELDOUT_SIZE, self.image_size, self.num_classes, self.seed + HELDOUT_SEED_OFFSET)
 
     def label(self, i: int) -> int:
         """Class of item i: round-robin, so every class has the same number of items (up to one)."""

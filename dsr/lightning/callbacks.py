@@ -104,13 +104,16 @@ class SampleGrid(EveryNSteps):
 
 class FIDEvaluation(EveryNSteps):
     """Every `every_n_steps` optimizer steps: `num_samples` class-balanced samples of the EMA model, generated on all
-    ranks (rank r takes indices r, r + world, ...; image i depends only on (seed, i), as in `dsr.sample`), Inception
-    features extracted on each rank and gathered, then FID and Inception Score (and precision / recall if asked)
-    against `reference`, logged as `fid/*` and saved with a grid of the first samples.
+    ranks (rank r takes indices r, r + world, ...; image i depends only on (seed, i), as in `dsr.sample`), features
+    extracted on each rank and gathered, then scored against the reference by `dsr.metrics.evaluation.feature_scores`
+    (the computation `dsr.evaluate` makes offline) and saved with a grid of the first samples.
 
-    `reference` is an ADM reference batch (its `mu`/`sigma` are used), an image folder or npz of images, or a
-    statistics npz; its features are computed once and cached by content hash. The Inception weights and the
-    reference are checked when training starts, not at the first evaluation. `every_n_steps: 0` turns it off.
+    `features="inception"`: FID and Inception Score (and precision / recall if asked) as `fid/*`, against `reference`
+    (an ADM reference batch, its `mu`/`sigma` used; an image folder or npz of images; or a statistics npz), whose
+    features are computed once and cached by content hash. `features="proxy"`: FD and conditional accuracy (and
+    precision / recall) as `proxy/*`, in the features of the training data's proxy classifier (trained or loaded from
+    `proxy_dir` at the first evaluation), against the data's held-out split. The weights and the reference are checked
+    when training starts, not at the first evaluation. `every_n_steps: 0` turns it off.
     """
 
     def __init__(
@@ -124,8 +127,12 @@ class FIDEvaluation(EveryNSteps):
         seed: int = 0,
         cache_dir: str | None = None,
         dirpath: str | None = None,
+        features: str = "inception",
+        proxy_dir: str | None = None,
     ) -> None:
         super().__init__(every_n_steps)
+        if features not in ("inception", "proxy"):
+            raise ValueError(f"evaluation.features={features!r}: choose inception or proxy")
         self.reference = reference
         self.inception_weights = inception_weights
         self.num_samples = num_samples
@@ -134,18 +141,29 @@ class FIDEvaluation(EveryNSteps):
         self.seed = seed
         self.cache_dir = cache_dir
         self.dirpath = Path(dirpath) if dirpath else None
+        self.features = features
+        self.proxy_dir = proxy_dir
         self.weights_path: Path | None = None
+        self.network = None  # the proxy classifier, kept (small); Inception is built per evaluation and freed
         self.last_metrics: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.every_n_steps:
+            return
+        if self.features == "proxy":
+            from dsr.metrics.proxy import check_proxy_data
+
+            if self.proxy_dir is None:
+                raise ValueError("evaluation.features=proxy needs evaluation.proxy_dir (where classifiers are cached)")
+            check_proxy_data(trainer.datamodule.dataset)  # the classifier itself is trained at the first evaluation
             return
         from dsr.metrics.inception import resolve_inception_weights
 
         if not self.reference:
             raise ValueError(
                 "FID evaluation needs a reference: set evaluation.reference=<ADM reference .npz, image folder or "
-                "statistics .npz> (or $DSR_FID_REFERENCE), or turn it off with callbacks.fid.every_n_steps=0"
+                "statistics .npz> (or $DSR_FID_REFERENCE), use evaluation.features=proxy on the built-in data, or "
+                "turn it off with callbacks.fid.every_n_steps=0"
             )
         if not Path(self.reference).exists():
             raise FileNotFoundError(f"evaluation.reference={self.reference} not found")
@@ -154,54 +172,68 @@ class FIDEvaluation(EveryNSteps):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         pl_module.log_dict(self.evaluate(trainer, pl_module), on_step=True, on_epoch=False)
 
+    def metric_names(self) -> list[str]:
+        """The keys of `feature_scores` this callback logs, in order (as `<prefix>/<key>`)."""
+        names = ["fd", "conditional_accuracy"] if self.features == "proxy" else ["fid", "inception_score_mean"]
+        return names + (["precision", "recall"] if self.precision_recall else [])
+
+    def log_name(self, key: str) -> str:
+        prefix = "proxy" if self.features == "proxy" else "fid"
+        return f"{prefix}/{'inception_score' if key == 'inception_score_mean' else key}"
+
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         from dsr.diffusion.generation import generate_shard
+        from dsr.metrics.evaluation import feature_scores
         from dsr.metrics.inception import InceptionFeatures
         from dsr.metrics.reference import default_cache_dir, reference_statistics
-        from dsr.metrics.scores import FeatureStats, frechet_distance, inception_score, precision_recall
 
+        if self.features == "proxy" and self.network is None:
+            from dsr.metrics.proxy import proxy_for
+
+            proxy = proxy_for(trainer.datamodule.dataset, self.proxy_dir)  # every rank: the same deterministic file
+            self.network, self.reference = proxy.network, str(proxy.reference)
         world, rank = trainer.world_size, trainer.global_rank
         per_rank = -(-self.num_samples // world)
         indices = np.arange(per_rank) * world + rank  # may run past num_samples on the last ranks: dropped below
-        images, _ = generate_shard(
+        images, labels = generate_shard(
             pl_module,
             indices,
             num_classes=pl_module.backbone.y_embedder.num_classes,
             seed=self.seed,
             batch_size=self.batch_size,
         )
-        extractor = InceptionFeatures(self.weights_path)
-        pool, logits = extractor.extract(images, batch_size=self.batch_size, device=pl_module.device)
+        network = self.network or InceptionFeatures(self.weights_path)
+        features, logits = network.extract(images, batch_size=self.batch_size, device=pl_module.device)
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)[:, None]
         # [world, per_rank, D] -> sample order (index = k * world + r), then drop the padding.
-        gathered = [trainer.strategy.all_gather(t.to(pl_module.device)) for t in (pool, logits)]
-        pool, logits = [g.reshape(world, per_rank, -1).transpose(0, 1).reshape(world * per_rank, -1) for g in gathered]
-        pool, logits = pool[: self.num_samples].cpu(), logits[: self.num_samples].cpu()
-
-        metrics = torch.zeros(4, dtype=torch.float64, device=pl_module.device)
+        gathered = [trainer.strategy.all_gather(t.to(pl_module.device)) for t in (features, logits, labels)]
+        features, logits, labels = [
+            g.reshape(world, per_rank, -1).transpose(0, 1).reshape(world * per_rank, -1)[: self.num_samples].cpu()
+            for g in gathered
+        ]
+        names = self.metric_names()
+        metrics = torch.zeros(len(names), dtype=torch.float64, device=pl_module.device)
         if trainer.is_global_zero:
-            cache_dir = self.cache_dir or default_cache_dir()
             reference, reference_features = reference_statistics(
                 self.reference,
-                extractor,
-                cache_dir,
+                network,
+                self.cache_dir or default_cache_dir(),
                 batch_size=self.batch_size,
                 device=pl_module.device,
                 need_features=self.precision_recall,
             )
-            metrics[0] = frechet_distance(FeatureStats.from_features(pool), reference)
-            metrics[1] = inception_score(logits, splits=min(10, self.num_samples))[0]
-            if self.precision_recall and reference_features is not None:
-                metrics[2:] = torch.tensor(precision_recall(reference_features, pool), dtype=torch.float64)
+            scores = feature_scores(features, logits, labels[:, 0].long(), network, reference, reference_features,
+                                    self.precision_recall)  # fmt: skip
+            metrics[:] = torch.tensor([float("nan") if scores[k] is None else scores[k] for k in names])
             self.save_grid(images, trainer.global_step)
-        # The extractor and the samples go before training resumes: nothing is kept between evaluations.
-        del extractor, gathered
+        # Inception and the samples go before training resumes: nothing large is kept between evaluations.
+        del network, gathered
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         metrics = trainer.strategy.broadcast(metrics, src=0).tolist()
-        names = ["fid/fid", "fid/inception_score"] + (["fid/precision", "fid/recall"] if self.precision_recall else [])
-        self.last_metrics = dict(zip(names, metrics[: len(names)], strict=True))
+        self.last_metrics = {self.log_name(k): v for k, v in zip(names, metrics, strict=True)}
         return self.last_metrics
 
     def save_grid(self, images: np.ndarray, step: int) -> None:

@@ -81,12 +81,13 @@ def missing_prerequisites(cfg: DictConfig) -> list[str]:
         frozen = bool(encoder.get("freeze_decoder", True))
         problems += _encoder_problems(encoder, frozen)
     fid = (cfg.get("callbacks") or {}).get("fid")
-    if fid is not None and fid.get("every_n_steps"):
+    if fid is not None and fid.get("every_n_steps") and fid.get("features", "inception") == "inception":
         reference = fid.get("reference")
         if not reference or not Path(str(reference)).exists():
             problems.append(
                 f"evaluation.reference={reference}: the in-training FID needs an ADM reference batch, image folder or "
-                "statistics .npz (or $DSR_FID_REFERENCE); or turn it off with callbacks.fid.every_n_steps=0"
+                "statistics .npz (or $DSR_FID_REFERENCE); use evaluation.features=proxy on the built-in data; or turn "
+                "it off with callbacks.fid.every_n_steps=0"
             )
         try:
             resolve_inception_weights(fid.get("inception_weights"))

@@ -4,11 +4,13 @@ features and logits."""
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from dsr.metrics.features import FeatureNetwork
+from dsr.utils.files import sha256_file
 
 # torch_fidelity is imported where it is used: it pulls in torchvision (seconds), and the CLI should report missing
 # Inception weights before paying for that.
@@ -18,15 +20,6 @@ INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/down
 WEIGHTS_ENV = "DSR_INCEPTION_WEIGHTS"
 POOL_DIM = 2048
 NUM_LOGITS = 1008
-
-
-def check_images(images: np.ndarray | torch.Tensor, name: str) -> None:
-    dtype_ok = images.dtype == (torch.uint8 if isinstance(images, torch.Tensor) else np.uint8)
-    if not dtype_ok or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(
-            f"{name}: expected uint8 images [N, H, W, 3] (NHWC, RGB); got dtype {images.dtype}, shape "
-            f"{tuple(images.shape)}"
-        )
 
 
 def resolve_inception_weights(path: str | os.PathLike | None) -> Path:
@@ -57,8 +50,19 @@ def resolve_inception_weights(path: str | os.PathLike | None) -> Path:
     )
 
 
-class InceptionFeatures(torch.nn.Module):
+@lru_cache(maxsize=8)
+def _weights_sha256(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed on size and mtime too, so a replaced file is re-hashed; hashing ~100 MB once per process is enough.
+    return sha256_file(path).hexdigest()
+
+
+class InceptionFeatures(FeatureNetwork):
     """torch-fidelity's TF1-compatible InceptionV3, returning (pool features, unbiased logits), loaded from a file."""
+
+    distance = "fid"
+    log_prefix = "fid"
+    feature_dim = POOL_DIM
+    num_logits = NUM_LOGITS
 
     def __init__(self, weights_path: str | os.PathLike):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -74,8 +78,9 @@ class InceptionFeatures(torch.nn.Module):
         self.eval()
 
     @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
+    def cache_tag(self) -> str:
+        stat = self.weights_path.stat()
+        return f"inception-{_weights_sha256(str(self.weights_path.resolve()), stat.st_size, stat.st_mtime_ns)[:12]}"
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,28 +89,8 @@ class InceptionFeatures(torch.nn.Module):
         pool, logits = self.net(images.to(self.device))
         return pool.float(), logits.float()
 
-    @torch.no_grad()
-    def extract(
-        self,
-        images: np.ndarray | torch.Tensor,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        progress: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images [N, H, W, 3] -> (pool [N, 2048], logits [N, 1008]) float32 on the CPU, `batch_size` at a time.
+    def logit_scores(self, logits: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+        from dsr.metrics.scores import inception_score
 
-        Only one batch at a time is converted to NCHW and moved to `device`, so N can be large.
-        """
-        check_images(images, "images")
-        if device is not None:
-            self.to(device)
-        pools, logits = [], []
-        for start in tqdm(range(0, len(images), batch_size), desc="inception", disable=not progress, leave=False):
-            batch = images[start : start + batch_size]
-            batch = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
-            pool, logit = self(batch.permute(0, 3, 1, 2).contiguous())
-            pools.append(pool.cpu())
-            logits.append(logit.cpu())
-        if not pools:
-            return torch.empty(0, POOL_DIM), torch.empty(0, NUM_LOGITS)
-        return torch.cat(pools), torch.cat(logits)
+        mean, std = inception_score(logits, splits=min(10, len(logits)))
+        return {"inception_score_mean": mean, "inception_score_std": std}

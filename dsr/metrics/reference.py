@@ -9,16 +9,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dsr.metrics.inception import InceptionFeatures, check_images
+from dsr.metrics.features import FeatureNetwork, check_images
 from dsr.metrics.scores import FeatureStats
-from dsr.utils.files import atomic_write
+from dsr.utils.files import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +59,14 @@ def load_images(path: str | os.PathLike) -> np.ndarray:
     return images
 
 
-def _sha256_file(path: Path, digest: hashlib._Hash | None = None) -> hashlib._Hash:
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest
+def load_labels(path: str | os.PathLike) -> torch.Tensor | None:
+    """The labels `arr_1` [N] stored beside the images of a samples npz (as `dsr.sample` writes it), else None."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".npz":
+        with np.load(path) as f:
+            if "arr_1" in f.files:
+                return torch.from_numpy(f["arr_1"].astype(np.int64))
+    return None
 
 
 def content_sha256(path: str | os.PathLike) -> str:
@@ -77,15 +78,9 @@ def content_sha256(path: str | os.PathLike) -> str:
         digest = hashlib.sha256()
         for file in _image_files(path):
             digest.update(file.name.encode() + b"\0")
-            _sha256_file(file, digest)
+            sha256_file(file, digest)
         return digest.hexdigest()
-    return _sha256_file(path).hexdigest()
-
-
-@lru_cache(maxsize=8)
-def _weights_sha256(path: str, size: int, mtime_ns: int) -> str:
-    # Keyed on size and mtime too, so a replaced file is re-hashed; hashing ~100 MB once per process is enough.
-    return _sha256_file(Path(path)).hexdigest()
+    return sha256_file(path).hexdigest()
 
 
 def default_cache_dir() -> Path:
@@ -94,7 +89,7 @@ def default_cache_dir() -> Path:
 
 def reference_statistics(
     reference: str | os.PathLike,
-    extractor: InceptionFeatures,
+    extractor: FeatureNetwork,
     cache_dir: str | os.PathLike,
     batch_size: int = 64,
     device: str | torch.device | None = None,
@@ -102,15 +97,15 @@ def reference_statistics(
     progress: bool = False,
     reference_sha256: str | None = None,
 ) -> tuple[FeatureStats, torch.Tensor | None]:
-    """FID statistics of a reference and, when it has images, their pool features [N, 2048] for precision/recall.
+    """Feature statistics of a reference and, when it has images, its features [N, D] for precision/recall.
 
     The reference is one of
     (a) an npz with `mu`/`sigma` (an ADM reference batch, or a file written by `FeatureStats.save`): those are the FID
         statistics; an `arr_0` in it provides the precision/recall features;
     (b) an npz with only `arr_0`, or a folder of images: statistics are computed from the images.
-    Computed features and statistics are cached in `cache_dir` under the reference's content hash and the Inception
-    weights' hash, so an edited reference or other weights never reuse a stale entry. Features are [N, 2048] float32
-    on the CPU, or None when the reference has no images or `need_features` is false (for case (a)).
+    Computed features and statistics are cached in `cache_dir` under the reference's content hash and the network's
+    `cache_tag` (its weights' hash), so an edited reference or other weights never reuse a stale entry. Features are
+    [N, D] float32 on the CPU, or None when the reference has no images or `need_features` is false (for case (a)).
     `reference_sha256`: the reference's `content_sha256` if the caller already has it (saves hashing it twice).
     """
     reference = Path(reference)
@@ -127,10 +122,8 @@ def reference_statistics(
             if not (need_features and has_images):
                 return stats, None
 
-    weights = extractor.weights_path.stat()
-    weights_hash = _weights_sha256(str(extractor.weights_path.resolve()), weights.st_size, weights.st_mtime_ns)
     reference_sha256 = reference_sha256 or content_sha256(reference)
-    cache_file = Path(cache_dir) / f"ref-{reference_sha256[:24]}-inception-{weights_hash[:12]}.npz"
+    cache_file = Path(cache_dir) / f"ref-{reference_sha256[:24]}-{extractor.cache_tag}.npz"
     if cache_file.is_file():
         log.info("reference features from cache %s", cache_file)
         with np.load(cache_file) as f:

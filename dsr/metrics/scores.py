@@ -55,14 +55,49 @@ class FeatureStats:
             return cls(f["mu"], f["sigma"], 0)
 
 
+class FrechetDisagreement(ValueError):
+    """The two computations of a Frechet distance disagree: a matrix square root went wrong, so no number is given."""
+
+
+# Agreement required of the two computations: max(relative, absolute).
+FRECHET_RTOL, FRECHET_ATOL = 1e-3, 1e-6
+
+
+def frechet_distance_eigh(a: FeatureStats, b: FeatureStats) -> float:
+    """The Frechet distance in float64 through symmetric eigendecompositions only:
+    Tr(sqrt(S_a S_b)) = Tr(sqrt(S_a^(1/2) S_b S_a^(1/2))), whose argument is symmetric positive semi-definite."""
+    vals, vecs = np.linalg.eigh(a.sigma)
+    root = (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
+    inner = root @ b.sigma @ root
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum()
+    diff = a.mu - b.mu
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2.0 * tr_covmean)
+
+
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
-    """||mu_a - mu_b||^2 + Tr(sigma_a + sigma_b - 2 (sigma_a sigma_b)^(1/2)), via torch-fidelity."""
+    """||mu_a - mu_b||^2 + Tr(sigma_a + sigma_b - 2 (sigma_a sigma_b)^(1/2)), via torch-fidelity, cross-checked.
+
+    torch-fidelity takes the eigenvalues of the non-symmetric product S_a S_b; `frechet_distance_eigh` computes the
+    same trace from symmetric matrices. A disagreement above max(1e-3 relative, 1e-6 absolute) raises
+    `FrechetDisagreement` (a matrix square root that silently went wrong on some BLAS builds once made FID read ~20
+    instead of ~5), so a broken number is never reported.
+    """
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
+    if a.mu.shape != b.mu.shape:
+        raise ValueError(f"feature statistics of different dimensions: {a.mu.shape[0]} and {b.mu.shape[0]}")
     # torch-fidelity asserts equal dtypes; FeatureStats holds float64 throughout.
     stat_a = {"mu": a.mu.astype(np.float64), "sigma": a.sigma.astype(np.float64)}
     stat_b = {"mu": b.mu.astype(np.float64), "sigma": b.sigma.astype(np.float64)}
-    return float(fid_statistics_to_metric(stat_a, stat_b, verbose=False)[KEY_METRIC_FID])
+    value = float(fid_statistics_to_metric(stat_a, stat_b, verbose=False)[KEY_METRIC_FID])
+    check = frechet_distance_eigh(a, b)
+    if not (np.isfinite(value) and abs(value - check) <= max(FRECHET_RTOL * abs(check), FRECHET_ATOL)):
+        raise FrechetDisagreement(
+            f"the Frechet distance is {value!r} by torch-fidelity (eigenvalues of S1 S2) but {check!r} by a symmetric "
+            "eigendecomposition (float64): the linear algebra of this build is not trustworthy here; check the "
+            "numpy / scipy BLAS (e.g. OPENBLAS_CORETYPE, MKL_CBWR) before reporting either number"
+        )
+    return value
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:

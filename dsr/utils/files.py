@@ -1,12 +1,22 @@
-"""Crash-safe file writes, folder manifests and settings, and where a checkpoint's run lives."""
+"""Crash-safe file writes, content hashes, folder manifests and settings, and where a checkpoint's run lives."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+
+def sha256_file(path: str | Path, digest: hashlib._Hash | None = None) -> hashlib._Hash:
+    """`digest` (a new sha256 by default) updated with the file's bytes, read in 1 MiB chunks."""
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:

@@ -27,9 +27,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dsr.config import entry_point
+from dsr.config import build, entry_point
 from dsr.metrics.evaluation import evaluate
 from dsr.metrics.inception import InceptionFeatures, resolve_inception_weights
+from dsr.metrics.proxy import ProxyFeatures, proxy_for
 
 FEATURES = ("inception", "proxy")
 
@@ -57,12 +58,9 @@ def _format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def proxy_network(cfg: DictConfig):
+def proxy_network(cfg: DictConfig) -> tuple[ProxyFeatures, str]:
     """features=proxy: the classifier of the configured data (trained and cached on first use) and its held-out
     reference."""
-    from dsr.config import build
-    from dsr.metrics.proxy import proxy_for
-
     if cfg.get("data") is None:
         raise ValueError("features=proxy needs the data the samples imitate: add data=digits or data=synthetic")
     proxy = proxy_for(build(cfg.data.dataset), cfg.proxy_dir, progress=sys.stderr.isatty())

@@ -97,32 +97,21 @@ def _plant(conv: nn.Conv2d, pos: Tensor, prefix: list[Tensor], blocks: nn.Module
         mlp.fc2.weight[:, neuron] = write / write.norm() * write_norm
 
 
+# Both families at the same size: 16 px images as 4x4 patches of width 32, 3 blocks.
+PLANTED_VIT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4)
+
+
 def planted_vit(family: str, *, clean: bool = False) -> nn.Module:
     """A tiny encoder of `family` with the planted neurons (silenced when `clean`), in eval mode."""
     torch.manual_seed(0)
     if family == "siglip":
-        config = SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=16,
-            patch_size=4,
-        )
+        config = SiglipVisionConfig(**PLANTED_VIT, intermediate_size=64)
         model = SiglipVisionModel(config)
         emb = model.embeddings
         _plant(emb.patch_embedding, emb.position_embedding.weight, [], model.encoder.layers)
         blocks = model.encoder.layers
     elif family == "dinov2":
-        config = Dinov2WithRegistersConfig(
-            hidden_size=32,
-            mlp_ratio=2,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=16,
-            patch_size=4,
-            num_register_tokens=4,
-        )
+        config = Dinov2WithRegistersConfig(**PLANTED_VIT, mlp_ratio=2, num_register_tokens=4)  # MLP 64 wide too
         model = Dinov2WithRegistersModel(config)
         emb = model.embeddings
         prefix = [emb.cls_token, emb.register_tokens]

@@ -169,7 +169,8 @@ def check_proxy_data(dataset: Dataset) -> None:
     if not hasattr(dataset, "heldout"):
         raise ValueError(
             f"evaluation.features=proxy needs a dataset with a held-out split (data=digits or data=synthetic); "
-            f"{type(dataset).__name__} has none: use evaluation.features=inception"
+            f"{type(dataset).__name__} has none: use evaluation.features=inception (with an FID reference) or turn "
+            "the evaluation off with callbacks.fid.every_n_steps=0"
         )
 
 

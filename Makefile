@@ -41,7 +41,7 @@ format: setup  ## ruff format and the fixable lint
 bench: setup  ## throughput / FLOP benchmarks -> benchmarks/results/
 	$(BIN)/python -m benchmarks.run
 
-study: setup  ## the small-scale registers study on 2 CPU cores (~35 min) -> experiments/small_scale/
+study: setup  ## the small-scale registers study (diffusion and encoder side) on 2 CPU cores (~50 min) -> experiments/small_scale/
 	$(BIN)/python -m benchmarks.small_scale
 
 clean:

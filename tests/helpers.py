@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipVisionConfig, SiglipVisionModel
 
 from dsr.config import CONF_DIR, compose
+from dsr.registers.planted import plant_neuron
 
 __all__ = ["CONF_DIR", "DDT_TINY", "TINY_RUN", "compose_script", "compose_train", "planted_vit", "planted_images"]
 
@@ -88,13 +89,12 @@ def _plant(conv: nn.Conv2d, pos: Tensor, prefix: list[Tensor], blocks: nn.Module
         t[..., :2] = 0
     width = conv.out_channels
     for (layer, neuron), dim, gain, write_norm in ((A, 0, 8.0, 6.0), (B, 1, 4.0, 6.0)):
-        mlp = blocks[layer].mlp
-        mlp.fc1.weight[neuron] = 0
-        mlp.fc1.weight[neuron, dim] = gain
-        mlp.fc1.bias[neuron] = -2.5 * gain  # fires only where the normalised marker dim exceeds 2.5
+        read = torch.zeros(width)
+        read[dim] = gain
         write = torch.randn(width, generator=g)
         write[:2] = 0
-        mlp.fc2.weight[:, neuron] = write / write.norm() * write_norm
+        # fires only where the normalised marker dim exceeds 2.5
+        plant_neuron(blocks[layer].mlp, neuron, read, -2.5 * gain, write / write.norm() * write_norm)
 
 
 # Both families at the same size: 16 px images as 4x4 patches of width 32, 3 blocks.

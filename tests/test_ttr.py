@@ -11,6 +11,7 @@ both write vectors zeroed: the same model without outliers, the reference for wh
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -34,6 +35,7 @@ from dsr.registers.neurons import (
     load_register_neurons,
     merge_layer_dicts,
 )
+from dsr.registers.planted import plant_outlier_neuron, silence_neuron
 from dsr.registers.ttr import signed_max
 
 FAMILIES = ("siglip", "dinov2", "timm")
@@ -396,3 +398,43 @@ def test_release_neuron_lists_ship_as_package_data():
 def test_merge_layer_dicts_keeps_order_and_drops_repeats():
     merged = merge_layer_dicts({2: [5, 1]}, {"2": [1, 9], 0: [3]})
     assert merged == {0: [3], 2: [5, 1, 9]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# A neuron planted to a given share and strength (the small-scale study's encoder)
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_outlier_neuron_has_the_asked_share_and_strength_and_ttr_removes_it(family):
+    model = planted_vit(family, clean=True)
+    g = torch.Generator().manual_seed(5)
+    calibration, fresh = torch.randn(256, 3, 16, 16, generator=g), torch.randn(256, 3, 16, 16, generator=g)
+    before = last_layer_ratio(model, fresh)
+    twin = copy.deepcopy(model)
+    silence_neuron(twin, 1, 30)  # the model as it was, less neuron 30's own (ordinary) write
+    neuron = plant_outlier_neuron(model, calibration, layer=1, neuron=30, share=0.1, strength=10.0, seed=3)
+    assert (neuron.layer, neuron.neuron) == (1, 30)
+
+    # Counted independently of the planting code: the neuron's own activation and the block's output norms.
+    patches = slice(NUM_PREFIX[family], NUM_PREFIX[family] + 16)
+    fires = activation_of(model, 1, fresh)[:, patches, 30] > 0.5
+    assert 0.06 < fires.float().mean().item() < 0.14  # the asked 10 %, on images it was not calibrated on
+    norms = capture_residual_stream(model, fresh, layers=[1])[0].norm(dim=-1)
+    median = norms.median()
+    assert 5.0 < (norms[fires].median() / median).item() < 20.0  # "about 10x the median patch norm"
+    assert (norms[~fires] < 3 * median).float().mean().item() > 0.99  # the others stay ordinary
+
+    ranked = discover_register_neurons(model, fresh, detect_layer=-1, threshold=5 * median.item(), top_k=3)
+    assert (ranked[0].layer, ranked[0].neuron) == (1, 30)
+    planted_ratio = last_layer_ratio(model, fresh)
+    with ttr.TestTimeRegisters(model, {1: [30]}):
+        assert last_layer_ratio(model, fresh) < before + 0.5 < planted_ratio
+    silence_neuron(model, 1, 30)
+    silenced, reference = capture_residual_stream(model, fresh)[-1], capture_residual_stream(twin, fresh)[-1]
+    torch.testing.assert_close(silenced, reference)
+
+
+def test_planted_outlier_neuron_rejects_a_share_outside_zero_one():
+    with pytest.raises(ValueError, match="share"):
+        plant_outlier_neuron(planted_vit("siglip"), torch.zeros(2, 3, 16, 16), layer=1, neuron=0, share=1.5)

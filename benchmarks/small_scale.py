@@ -122,10 +122,7 @@ def _latent_outliers(model, pixels, neurons: dict | None) -> dict:
     from dsr.registers.hooks import capture_residual_stream
     from dsr.registers.ttr import TestTimeRegisters
 
-    if neurons:
-        with TestTimeRegisters(model, neurons, num_registers=1):
-            last = capture_residual_stream(model, pixels, layers=[-1])[0]
-    else:
+    with TestTimeRegisters(model, neurons or {}, num_registers=1):  # without neurons: a no-op
         last = capture_residual_stream(model, pixels, layers=[-1])[0]
     ratio = max_median_ratio(last)
     return {"max_median": float(ratio.mean()), "max_median_max": float(ratio.max()),

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipVisionConfig, SiglipVisionModel
 
 from dsr.config import CONF_DIR, compose
-from dsr.registers.planted import plant_neuron
+from dsr.registers.planted import plant_neuron, silence_neuron
 
 __all__ = ["CONF_DIR", "DDT_TINY", "TINY_RUN", "compose_script", "compose_train", "planted_vit", "planted_images"]
 
@@ -109,24 +109,20 @@ def planted_vit(family: str, *, clean: bool = False) -> nn.Module:
         model = SiglipVisionModel(config)
         emb = model.embeddings
         _plant(emb.patch_embedding, emb.position_embedding.weight, [], model.encoder.layers)
-        blocks = model.encoder.layers
     elif family == "dinov2":
         config = Dinov2WithRegistersConfig(**PLANTED_VIT, mlp_ratio=2, num_register_tokens=4)  # MLP 64 wide too
         model = Dinov2WithRegistersModel(config)
         emb = model.embeddings
         prefix = [emb.cls_token, emb.register_tokens]
         _plant(emb.patch_embeddings.projection, emb.position_embeddings, prefix, model.encoder.layer)
-        blocks = model.encoder.layer
     else:
         model = timm.models.vision_transformer.VisionTransformer(
             img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, mlp_ratio=2, reg_tokens=2, num_classes=0
         )
         _plant(model.patch_embed.proj, model.pos_embed, [model.cls_token, model.reg_token], model.blocks)
-        blocks = model.blocks
     if clean:
-        with torch.no_grad():
-            for layer, neuron in (A, B):
-                blocks[layer].mlp.fc2.weight[:, neuron] = 0
+        for layer, neuron in (A, B):
+            silence_neuron(model, layer, neuron)
     return model.eval()
 
 

@@ -1,6 +1,6 @@
-"""Benchmarks (`make bench`): model size and FLOPs of every backbone config, training / sampling throughput, and
-encoder throughput (tiny encoders, and random-init encoders of the real sizes) on this machine. Results go to
-benchmarks/results/<device>.json and are printed as tables.
+"""Benchmarks (`make bench`): model size and FLOPs of every backbone config and of a diffusers DiT-XL/2 with added
+registers, training / sampling throughput, and encoder throughput (tiny encoders, and random-init encoders of the
+real sizes) on this machine. Results go to benchmarks/results/<device>.json and are printed as tables.
 
     python -m benchmarks.run [--backbones dit_tiny dit_s] [--batch 64] [--steps 20]
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from torch.utils.flop_counter import FlopCounterMode
 
 from dsr.config import compose
 from dsr.diffusion.guidance import ClassifierFreeGuidance
@@ -39,6 +40,32 @@ def size_table() -> list[dict]:
         factory, _ = backbone_factory(name)
         rows.append({"backbone": name, "latent": list(RAE_LATENT), **register_overhead(factory, RAE_LATENT)})
     return rows
+
+
+def plugged_registers_overhead(num_registers: int = 36, start: int = 8) -> dict:
+    """Parameters and forward GFLOPs of a diffusers DiT-XL/2 at 256 px (32x32x4 latents, learned sigma) with and
+    without diffusion registers added by `dsr.registers.plug`, measured on the meta device."""
+    from diffusers import DiTTransformer2DModel
+
+    from dsr.registers.plug import add_diffusion_registers
+
+    with torch.device("meta"):
+        model = DiTTransformer2DModel(out_channels=8)  # the DiT-XL/2 defaults
+        x, t, y = torch.zeros(1, 4, 32, 32), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+
+    def measure() -> tuple[float, float]:
+        with FlopCounterMode(display=False) as counter:
+            model(x, timestep=t, class_labels=y)
+        return sum(p.numel() for p in model.parameters()) / 1e6, counter.get_total_flops() / 1e9
+
+    params, gflops = measure()
+    add_diffusion_registers(model, num_registers, start)
+    params_reg, gflops_reg = measure()
+    return {
+        "model": "diffusers DiTTransformer2DModel (DiT-XL/2, 256 px)", "num_registers": num_registers, "start": start,
+        "params_M_without_registers": params, "params_M_with_registers": params_reg,
+        "gflops_without_registers": gflops, "gflops_with_registers": gflops_reg,
+    }  # fmt: skip
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -148,6 +175,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "sizes": size_table(),
+        "plugged_registers": plugged_registers_overhead(),
         "throughput": [throughput(b, latent, batch, args.steps, device, bf16=on_gpu) for b in backbones],
         "encoders": [
             encoder_throughput(name, 256 if name.startswith("tiny") or on_gpu else 4, 3, device) for name in ENCODERS
@@ -164,6 +192,12 @@ def main() -> None:
             f"{row['backbone']:10} {row['params_M_without_registers']:9.2f} {row['params_M_with_registers']:9.2f} "
             f"{row['gflops_without_registers']:8.1f} {row['gflops_with_registers']:8.1f}"
         )
+    plugged = results["plugged_registers"]
+    print(
+        f"{plugged['model']} + {plugged['num_registers']} registers from block {plugged['start']}: params "
+        f"{plugged['params_M_without_registers']:.2f} -> {plugged['params_M_with_registers']:.2f} M, GFLOPs "
+        f"{plugged['gflops_without_registers']:.1f} -> {plugged['gflops_with_registers']:.1f}"
+    )
     print(f"\n{'backbone':10} {'latent':>14} {'batch':>6} {'train img/s':>12} {'sample img/s (50 Euler, CFG)':>30}")
     for row in results["throughput"]:
         print(

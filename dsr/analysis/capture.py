@@ -5,7 +5,7 @@ encoder's ViT."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -202,6 +202,30 @@ def register_counts(backbone: nn.Module) -> list[int]:
 
 
 @torch.no_grad()
+def block_outputs(blocks: Sequence[nn.Module], forward: Callable[[], Any]) -> list[Tensor]:
+    """The output token tensor [B, T, D] of each of `blocks` (any model's) during one call of `forward()`, read
+    with forward hooks. Hooks added earlier run first: registers added by `dsr.registers.plug` are already gone
+    from the last block's output (`diffusion_register_counts` says how many each output holds)."""
+    captured: dict[int, Tensor] = {}
+
+    def hook_for(i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not isinstance(output, Tensor):
+                raise TypeError(f"block {i} ({type(module).__name__}) returns a {type(output).__name__}, not tokens")
+            captured[i] = output.detach()
+
+        return hook
+
+    handles = [block.register_forward_hook(hook_for(i)) for i, block in enumerate(blocks)]
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [captured[i] for i in range(len(blocks))]
+
+
+@torch.no_grad()
 def capture_block_outputs(
     backbone: nn.Module, x_t: Tensor, t: Tensor, y: Tensor, layers: Sequence[int] | None = None
 ) -> tuple[list[Tensor], list[int]]:
@@ -219,21 +243,7 @@ def capture_block_outputs(
     indices = layer_indices(layers, len(blocks))
     counts = register_counts(backbone)
     num_patches = math.prod(backbone.grid_size)
-    captured: dict[int, Tensor] = {}
-
-    def hook_for(i: int):
-        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-            captured[i] = output.detach()
-
-        return hook
-
-    handles = [blocks[i].register_forward_hook(hook_for(i)) for i in indices]
-    try:
-        backbone(x_t, t, y)
-    finally:
-        for handle in handles:
-            handle.remove()
-    out = [captured[i] for i in indices]
+    out = block_outputs([blocks[i] for i in indices], lambda: backbone(x_t, t, y))
     for i, x in zip(indices, out, strict=True):
         if x.shape[1] != counts[i] + num_patches:  # the model's register layout changed: never guess
             raise RuntimeError(f"block {i} output has {x.shape[1]} tokens, expected {counts[i]} + {num_patches}")

@@ -1,10 +1,11 @@
 """LightningDiT: the stage-2 diffusion transformer of RAE and DSR, with optional diffusion registers.
 
 A DiT with adaLN-Zero blocks (optionally without the shift term), SwiGLU MLPs, RMSNorm, 2-D RoPE,
-optional QK-norm, a fixed sin-cos absolute position embedding, a Gaussian-Fourier timestep embedding
-and a class table with a null row for classifier-free guidance. It maps a noisy latent x_t [B, C, H, W],
-its time t [B] (t = 0 data, t = 1 noise) and class labels y [B] to an output of the same shape as x
-(a velocity, or clean data under x-prediction; the transport decides).
+optional QK-norm, a fixed sin-cos absolute position embedding, a Gaussian-Fourier timestep embedding (DiT's
+sinusoidal one as an option) and a class table with a null row for classifier-free guidance. With SwiGLU, RMSNorm
+and RoPE off and the sinusoidal time embedding it is DiT's own architecture, which `dsr.models.sit` builds.
+It maps a noisy latent x_t [B, C, H, W], its time t [B] (t = 0 data, t = 1 noise) and class labels y [B] to an
+output of the same shape as x (a velocity, or clean data under x-prediction; the transport decides).
 
 Diffusion registers (`num_registers` > 0) join the sequence at block `register_start` and are dropped
 before the final layer; with `num_registers` = 0 the model is the plain LightningDiT.
@@ -17,8 +18,8 @@ from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from dsr.models.layers import (
+    TIME_EMBEDDERS,
     Attention,
-    GaussianFourierEmbedder,
     LabelEmbedder,
     build_mlp,
     build_norm,
@@ -124,11 +125,16 @@ class LightningDiT(nn.Module):
         use_pos_embed: bool = True,
         num_registers: int = 0,
         register_start: int = 0,
+        time_embedder: str = "gaussian_fourier",
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
         if num_registers and not 0 <= register_start < depth:
             raise ValueError(f"register_start={register_start} must lie in [0, depth={depth})")
-        self.in_channels = self.out_channels = in_channels
+        if time_embedder not in TIME_EMBEDDERS:
+            raise ValueError(f"backbone.time_embedder={time_embedder!r}: choose one of {sorted(TIME_EMBEDDERS)}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
         self.patch_size = patch_size
         self.depth = depth
         self.num_registers = num_registers
@@ -136,7 +142,7 @@ class LightningDiT(nn.Module):
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.grid_size: tuple[int, int] = tuple(self.x_embedder.grid_size)
-        self.t_embedder = GaussianFourierEmbedder(hidden_size)
+        self.t_embedder = TIME_EMBEDDERS[time_embedder](hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed (not learned) sin-cos table; a buffer rather than a frozen parameter so optimizers never see it.
         pos_embed = sincos_pos_embed_2d(hidden_size, *self.grid_size).unsqueeze(0) if use_pos_embed else None

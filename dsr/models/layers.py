@@ -104,6 +104,29 @@ class GaussianFourierEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+class SinusoidalTimestepEmbedder(nn.Module):
+    """DiT's (and SiT's) time embedding: t -> [cos(t f), sin(t f)] with f_k = 10000^(-k / 128), k < 128 -> MLP.
+
+    The frequencies are fixed, so nothing is drawn at construction and nothing is saved beside the MLP."""
+
+    def __init__(self, hidden_size: int, num_features: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        half = num_features // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(num_features, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: Tensor) -> Tensor:
+        """t: [B] -> [B, D]."""
+        dtype = torch.promote_types(self.freqs.dtype, torch.float32)  # float32 as DiT, float64 in a double model
+        angles = t.to(dtype)[:, None] * self.freqs.to(dtype)[None, :]
+        features = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+TIME_EMBEDDERS = {"gaussian_fourier": GaussianFourierEmbedder, "sinusoidal": SinusoidalTimestepEmbedder}
+
+
 class LabelEmbedder(nn.Module):
     """Class table with one extra row (index `num_classes`) for the null class of classifier-free guidance."""
 

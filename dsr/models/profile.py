@@ -21,9 +21,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dsr.models.ddt import DiTDH
 from dsr.models.dit import LightningDiT
+from dsr.models.sit import SiT
 
-# GaussianFourierEmbedder's default: sin and cos of 256 random frequencies feed the time MLP.
+# GaussianFourierEmbedder's default: sin and cos of 256 random frequencies feed the time MLP; DiT's sinusoidal
+# embedding (SiT) feeds it cos and sin of 128.
 FOURIER_FEATURES = 2 * 256
+SINUSOIDAL_FEATURES = 256
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -82,6 +85,9 @@ FLOP_ARGUMENTS = (
     "head_hidden_size",
     "head_depth",
     "head_num_registers",
+    "time_embedder",
+    "out_channels",
+    "learn_sigma",
 )
 
 
@@ -95,8 +101,9 @@ def _backbone_arguments(backbone: Any) -> tuple[type, dict[str, Any]]:
         cls, given = backbone, {}
     else:
         raise TypeError(f"expected a backbone class, factory (functools.partial) or config, got {type(backbone)}")
-    if cls not in (LightningDiT, DiTDH):
-        raise TypeError(f"analytic FLOPs know LightningDiT and DiTDH, not {getattr(cls, '__name__', cls)}")
+    if not (isinstance(cls, type) and issubclass(cls, (LightningDiT, DiTDH))):
+        name = getattr(cls, "__name__", cls)
+        raise TypeError(f"analytic FLOPs know LightningDiT and DiTDH (and SiT, a LightningDiT), not {name}")
     if isinstance(backbone, functools.partial) and backbone.args:
         raise ValueError("give the backbone factory's arguments by keyword")
     parameters = inspect.signature(cls).parameters
@@ -134,17 +141,20 @@ def analytic_forward_flops(backbone: Any, latent_shape: tuple[int, int, int]) ->
     p = a["patch_size"]
     tokens = (height // p) * (width // p)
     patch_dim = channels * p * p
-    mlp = dict(mlp_ratio=a["mlp_ratio"], use_swiglu=a["use_swiglu"], wo_shift=a["wo_shift"])
+    # SiT fixes DiT's GELU MLP and the shift term (not constructor arguments there).
+    mlp = dict(mlp_ratio=a["mlp_ratio"], use_swiglu=a.get("use_swiglu", False), wo_shift=a.get("wo_shift", False))
     d = a["hidden_size"]
     registers = a["num_registers"]
 
     # Trunk: patch embedding, time MLP (the label embedding is a lookup), blocks on per-sample c.
-    macs = tokens * patch_dim * d + FOURIER_FEATURES * d + d * d
+    sinusoidal = a.get("time_embedder") == "sinusoidal" or issubclass(cls, SiT)
+    macs = tokens * patch_dim * d + (SINUSOIDAL_FEATURES if sinusoidal else FOURIER_FEATURES) * d + d * d
     for i in range(a["depth"]):
         n = tokens + (registers if registers and i >= a["register_start"] else 0)
         macs += _block_macs(n, d, cond_rows=1, **mlp)
-    if cls is LightningDiT:
-        macs += 2 * d * d + tokens * d * patch_dim  # final adaLN on c, final linear
+    if issubclass(cls, LightningDiT):
+        out_channels = 2 * channels if a.get("learn_sigma") else a.get("out_channels") or channels
+        macs += 2 * d * d + tokens * d * out_channels * p * p  # final adaLN on c, final linear
         return 2 * macs
 
     head_registers = registers if a["head_num_registers"] is None else a["head_num_registers"]

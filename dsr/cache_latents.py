@@ -4,7 +4,9 @@
     python -m dsr.train encoder=siglip2_so400m data=latents ...        # trains from the cache
 
 Each image is centre-cropped as in training (no random flip) and encoded together with its mirror image
-(`views=both`), the raw latents stored in float16 by default (see `dsr/data/latents.py` for the layout).
+(`views=both`), the raw latents stored in float16 by default (see `dsr/data/latents.py` for the layout); an encoder
+with a `cache_shape` stores what its `cache_tokens` gives instead (encoder=sd_vae: the posterior's mean and standard
+deviation, sampled afresh by `normalize` at every step).
 `cache.num_images=N` caches a seeded random subset of N images (in index order), as `stats.num_images` picks one.
 Shard s holds images [s * shard_size, (s + 1) * shard_size) of that set and is written by rank s % world_size,
 atomically; shards already on disk are skipped, so a crashed run resumes by running the same command again. The
@@ -34,12 +36,17 @@ log = logging.getLogger("dsr.cache_latents")
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
+def cached_tokens(codec, images):
+    """What the cache stores of a batch: the codec's `cache_tokens` (the SD-VAE's posterior) or its raw latents."""
+    return codec.cache_tokens(images) if hasattr(codec, "cache_tokens") else codec.tokens(images)
+
+
 def encode_shard(codec, dataset, start: int, stop: int, views: str, batch_size: int, num_workers: int, device):
     """Raw latents [n, V, C, h, w] (float32) and labels [n] of images [start, stop)."""
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, num_workers=num_workers)
     latents, labels = [], []
     for images, y in loader:
-        z = codec.tokens(views_of(images.to(device), views)).cpu()
+        z = cached_tokens(codec, views_of(images.to(device), views)).cpu()
         num_views = len(z) // len(images)
         latents.append(z.reshape(num_views, len(images), *z.shape[1:]).transpose(0, 1))
         labels.append(torch.as_tensor(y))
@@ -61,7 +68,7 @@ def run(cfg: DictConfig) -> Path:
         "num_samples": num_samples,
         **({"subset_seed": int(cfg.seed)} if cfg.cache.num_images is not None else {}),
         "shard_size": int(cfg.cache.shard_size),
-        "latent_shape": list(codec.latent_shape),
+        "latent_shape": list(getattr(codec, "cache_shape", codec.latent_shape)),
         "views": ["original", "flipped"] if cfg.cache.views == "both" else ["original"],
         "dtype": cfg.cache.dtype,
         "encoder": OmegaConf.to_container(cfg.encoder, resolve=True),

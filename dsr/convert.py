@@ -23,6 +23,8 @@ Release formats read:
 Stage-2 key layout (release -> dsr), the same for RAE's and DSR's code:
 - LightningDiT: identical names except `blocks.i.mlp.w12 / w3` -> `blocks.i.mlp.fc1 / fc2` (SwiGLU) and
   `register_tokens` -> `registers.tokens`.
+- SiT (willisma/SiT's `SiT-XL-2-256x256.pt`, a state dict or a training checkpoint with "ema"): DiT's names, the same
+  as `dsr.models.sit.SiT`'s (a LightningDiT, so it takes the LightningDiT branch below; its MLP is not SwiGLU).
 - DiTwDDTHead -> DiTDH: `blocks.i` for i < depth stay trunk `blocks.i`; `blocks.{depth + j}` -> `head_blocks.j`; the
   same MLP renames; `enc_register_tokens` -> `registers.tokens`, `dec_register_tokens` -> `head_registers.tokens`.
 - Fixed tables stored by the release (`pos_embed`, `*register_pos_embed`, RoPE `*feat_rope*.freqs_cos / freqs_sin`)

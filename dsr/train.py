@@ -63,7 +63,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build(cfg.data)
     module = build(cfg.module)
     if hasattr(datamodule.dataset, "check_encoder"):  # cached latents: made by this encoder?
-        datamodule.dataset.check_encoder(OmegaConf.to_container(cfg.encoder, resolve=True), module.latent_shape)
+        cached = getattr(module.encoder, "cache_shape", module.latent_shape)  # the SD-VAE caches its posterior
+        datamodule.dataset.check_encoder(OmegaConf.to_container(cfg.encoder, resolve=True), cached)
     module.run_config = resolved_config(cfg)
     if cfg.get("compile"):
         if not hasattr(module, "backbone"):

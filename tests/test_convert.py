@@ -26,6 +26,7 @@ from dsr.convert import (
 from dsr.lightning.dit_module import DiTModule
 from dsr.models.ddt import DiTDH
 from dsr.models.dit import LightningDiT
+from dsr.models.sit import SiT
 
 # A tiny DSR-release DiT-DH on 3x4x4 latents (pixel encoder, patch 1, 4 px): trunk 32 x 3 (2 heads), head 48 x 2
 # (2 heads), 4 registers in each bank, trunk registers joining at block 1.
@@ -627,6 +628,7 @@ def readme_import_commands() -> list[list[str]]:
 
 def tiny_hub_dirs(root: Path) -> dict[str, Path]:
     """Random-init stand-ins for the hub checkpoints, saved with save_pretrained: 16 px -> 4x4 tokens of 32."""
+    from diffusers import AutoencoderKL
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipConfig, SiglipModel
 
     torch.manual_seed(0)
@@ -634,9 +636,17 @@ def tiny_hub_dirs(root: Path) -> dict[str, Path]:
     text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
     siglip = SiglipModel(SiglipConfig(vision_config={**vision, "intermediate_size": 64}, text_config=text))
     dinov2 = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**vision, mlp_ratio=2, num_register_tokens=4))
-    dirs = {"siglip2_b": root / "siglip", "dinov2_b_reg": root / "dinov2"}
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=[8, 8, 16],
+        layers_per_block=1,
+        norm_num_groups=4,
+    )  # 16 px -> 4 x 4 x 4
+    dirs = {"siglip2_b": root / "siglip", "dinov2_b_reg": root / "dinov2", "sd_vae": root / "sd-vae"}
     siglip.save_pretrained(dirs["siglip2_b"])
     dinov2.save_pretrained(dirs["dinov2_b_reg"])
+    vae.save_pretrained(dirs["sd_vae"])
     return dirs
 
 
@@ -660,14 +670,15 @@ def test_the_readme_import_commands_run_as_written_and_sample(tmp_path, monkeypa
     neurons = tmp_path / "neurons.json"
     neurons.write_text('{"1": [3, 17]}')  # the tiny SigLIP's stand-in for the release's SigLIP2-B register neurons
     commands = readme_import_commands()
-    assert [c[0] for c in commands if c[0] == "dsr.convert"] == ["dsr.convert"] * 6 and commands[-1][0] == "dsr.sample"
+    assert [c[0] for c in commands if c[0] == "dsr.convert"] == ["dsr.convert"] * 7 and commands[-1][0] == "dsr.sample"
 
     converted = []
     for module, *args in commands:
         kind = args[0] if module == "dsr.convert" else "sample"
         overrides = [a for a in args if "=" in a and not a.startswith("-")]
         encoder = next((o.split("=", 1)[1] for o in overrides if o.startswith("encoder=")), None)
-        extra = [*SHRINK_CODEC, f"encoder.pretrained={hub[encoder]}"] if encoder else []
+        shrink = ["data.image_size=16"] if encoder == "sd_vae" else SHRINK_CODEC  # the VAE has no input resolution
+        extra = [*shrink, f"encoder.pretrained={hub[encoder]}"] if encoder else []
         if encoder == "siglip2_b":
             extra.append(f"encoder.ttr_neurons={neurons}")
         if kind in ("decoder", "stage2"):
@@ -685,7 +696,7 @@ def test_the_readme_import_commands_run_as_written_and_sample(tmp_path, monkeypa
             extra += SHRINK_BACKBONE + (SHRINK_HEAD if "backbone=dit_dh_xl" in overrides else [])
             cfg = compose("train", [*overrides, *extra], run_dir=tmp_path)
             torch.manual_seed(0)
-            backbone = instantiate_backbone(cfg)
+            backbone = instantiate_backbone(cfg, in_channels=4 if encoder == "sd_vae" else 32)
             weights = dsr_to_release(backbone)
             torch.save({"model": weights, "ema": weights, "step": 3} if "ep-" in args[1] else weights, args[1])
             if "--release-config" in args:
@@ -706,20 +717,23 @@ def test_the_readme_import_commands_run_as_written_and_sample(tmp_path, monkeypa
             assert images.shape == (2, 16, 16, 3) and images.std() > 0
 
     rae, dsr_release = DiTModule.from_checkpoint(converted[2]), DiTModule.from_checkpoint(converted[5])
+    sit = DiTModule.from_checkpoint(converted[6])
+    assert (sit.transport.prediction, sit.transport.time_dist, sit.transport.t_max) == ("velocity", "uniform", 1.0)
+    assert isinstance(sit.backbone, SiT) and sit.latent_shape == (4, 4, 4)
     assert (rae.transport.prediction, rae.transport.t_max) == ("velocity", 0.999)
     assert (dsr_release.transport.prediction, dsr_release.transport.t_max) == ("x", 1.0)
     assert dsr_release.transport.shift_for(dsr_release.latent_shape) == pytest.approx(math.sqrt(48))
     assert isinstance(rae.backbone, DiTDH) and dsr_release.backbone.num_registers == 36
     assert dsr_release.encoder.test_time_registers is not None  # registers=dsr: TTR in the encoder
-    for module in (rae, dsr_release):
+    for module in (rae, dsr_release, sit):
         images = module.sample(torch.tensor([0, 1]))
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
-def instantiate_backbone(cfg):
+def instantiate_backbone(cfg, in_channels: int = 32):
     from hydra.utils import instantiate
 
-    return instantiate(cfg.module.backbone)(in_channels=32, input_size=(4, 4))
+    return instantiate(cfg.module.backbone)(in_channels=in_channels, input_size=(4, 4))
 
 
 def release_config_of(backbone: LightningDiT) -> dict:

@@ -174,3 +174,55 @@ def test_sit_trains_through_the_stage_and_its_blocks_are_analysed(run_train):
     x = torch.randn(2, *backbone.x_embedder.proj.weight.shape[1:2], 4, 4)
     outputs, counts = capture_block_outputs(backbone, x, torch.full((2,), 0.5), torch.tensor([0, 1]))
     assert counts == [0, 2] and [o.shape[1] for o in outputs] == [16, 18]
+
+
+def _sit_release_file(model: SiT) -> dict[str, torch.Tensor]:
+    """`model`'s weights in SiT's released layout: DiT's names, plus the frozen sin-cos table `pos_embed` that SiT
+    keeps as a parameter (recomputed here in float64)."""
+    grid = model.grid_size
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return {**state, "pos_embed": sincos_2d(model.x_embedder.proj.out_channels, *grid)[None].float()}
+
+
+def test_sit_layout_weights_import_with_strict_key_shape_and_table_checks():
+    from dsr.convert import release_to_dsr  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    released = _sit_release_file(randomize_(SiT(**TINY)))
+    model = SiT(**TINY)
+    model.load_state_dict(release_to_dsr(released, model))
+    x, t, y = inputs(dtype=torch.float32)
+    reference = SiT(**TINY)
+    reference.load_state_dict({k: v for k, v in released.items() if k != "pos_embed"})
+    assert torch.equal(model(x, t, y), reference(x, t, y))
+
+    renamed = {("blocks.0.mlp.w12.weight" if k == "blocks.0.mlp.fc1.weight" else k): v for k, v in released.items()}
+    with pytest.raises(
+        ValueError, match=r"(?s)does not have: \['blocks.0.mlp.w12.weight'\].*lacks: \['blocks.0.mlp.fc1"
+    ):
+        release_to_dsr(renamed, SiT(**TINY))
+    with pytest.raises(ValueError, match=r"final_layer.linear.weight: shape \(24, 32\) in the file, \(12, 32\)"):
+        release_to_dsr(released, SiT(**TINY, learn_sigma=False))
+    transposed = {**released, "pos_embed": released["pos_embed"][:, [0, 2, 1, 3]]}  # rows and columns swapped
+    with pytest.raises(ValueError, match="pos_embed: the fixed table differs"):
+        release_to_dsr(transposed, SiT(**TINY))
+
+
+def test_dsr_convert_writes_a_checkpoint_that_samples_from_sit_weights(tmp_path):
+    from helpers import TINY_RUN  # noqa: PLC0415
+
+    from dsr.convert import main  # noqa: PLC0415
+    from dsr.lightning.dit_module import DiTModule  # noqa: PLC0415
+
+    # TINY_RUN's pixel latents are 48 x 4 x 4; patch 1 on a 32-wide, 2-deep SiT.
+    sizes = dict(input_size=4, patch_size=1, in_channels=48, hidden_size=32, depth=2, num_heads=2, num_classes=4)
+    torch.manual_seed(0)
+    source = randomize_(SiT(**sizes))
+    torch.save({"ema": _sit_release_file(source)}, tmp_path / "SiT-tiny.pt")  # SiT's training checkpoints hold "ema"
+    overrides = [*TINY_RUN, "backbone=sit_s", "backbone.patch_size=1", "backbone.num_registers=0", "recipe=sit"]
+    out = main(["stage2", str(tmp_path / "SiT-tiny.pt"), str(tmp_path / "sit.ckpt"), *overrides])
+    module = DiTModule.from_checkpoint(out)
+    assert module.transport.prediction == "velocity" and module.transport.time_dist == "uniform"
+    x, t, y = torch.randn(2, 48, 4, 4), torch.rand(2), torch.tensor([0, 3])
+    with torch.no_grad():
+        assert torch.equal(module.ema.module.eval()(x, t, y), source.eval()(x, t, y))

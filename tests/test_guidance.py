@@ -111,3 +111,21 @@ def test_with_sampler_and_validation():
     assert model.batch_sizes == [2 * B] * sampler.nfe()
     with pytest.raises(ValueError):
         ClassifierFreeGuidance(scale=2.0, t_min=0.7, t_max=0.3)
+
+
+def test_guided_channels_guide_the_first_k_and_leave_the_rest_conditional():
+    model, transport = ToyModel(), Transport(prediction="velocity")
+    g = torch.Generator().manual_seed(4)
+    x, t, y = (
+        torch.randn(B, C, H, W, generator=g, dtype=torch.float64),
+        torch.rand(B, dtype=torch.float64),
+        torch.tensor([0, 1, 2, 0]),
+    )
+    v_c, v_u = model.direct(x, t, y), model.direct(x, t, torch.full_like(y, NULL))
+    guided = ClassifierFreeGuidance(scale=3.0, guided_channels=1).velocity_fn(model, y, NULL, transport)(x, t)
+    torch.testing.assert_close(guided[:, :1], (v_u + 3.0 * (v_c - v_u))[:, :1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(guided[:, 1:], v_c[:, 1:], rtol=0, atol=0)
+    every = ClassifierFreeGuidance(scale=3.0).velocity_fn(model, y, NULL, transport)(x, t)
+    torch.testing.assert_close(every, v_u + 3.0 * (v_c - v_u), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="guided_channels must be >= 1"):
+        ClassifierFreeGuidance(guided_channels=0)

@@ -226,3 +226,20 @@ def test_dsr_convert_writes_a_checkpoint_that_samples_from_sit_weights(tmp_path)
     x, t, y = torch.randn(2, 48, 4, 4), torch.rand(2), torch.tensor([0, 3])
     with torch.no_grad():
         assert torch.equal(module.ema.module.eval()(x, t, y), source.eval()(x, t, y))
+
+    # SiT's two sampler presets, as composed, sample from it.
+    from hydra.utils import instantiate as build_node  # noqa: PLC0415
+
+    from dsr.diffusion.samplers import AdaptiveODESampler, SDESampler  # noqa: PLC0415
+
+    for preset, kind in (("sit_ode", AdaptiveODESampler), ("sit_sde", SDESampler)):
+        grid_free = [o for o in overrides if not o.startswith("sampler.solver.num_steps")]  # TINY_RUN's Euler steps
+        if preset == "sit_ode":  # the quickstart experiment sets a grid size an adaptive solver does not have
+            grid_free.append("~sampler.solver.num_steps")
+        cfg = compose("train", [*grid_free, f"sampler={preset}", "sampler.guidance.scale=1.5"])
+        module.solver, module.guidance = build_node(cfg.sampler.solver), build_node(cfg.sampler.guidance)
+        assert isinstance(module.solver, kind) and module.guidance.guided_channels == 3
+        if preset == "sit_sde":
+            module.solver.num_steps = 5  # 250 as configured
+        images = module.sample(torch.tensor([0, 1]))
+        assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()

@@ -26,6 +26,8 @@ from dsr.diffusion.transport import score_from_velocity, time_shift
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
 ODE_METHODS = ("euler", "heun")
+SDE_LAST_STEPS = ("ode", "mean")
+ADAPTIVE_METHODS = ("dopri5", "bosh3", "adaptive_heun", "dopri8", "fehlberg2")  # torchdiffeq's adaptive solvers
 
 
 def time_grid(num_steps: int, shift: float, t_end: float = 0.001) -> Tensor:
@@ -135,21 +137,31 @@ class SDESampler(_GridSampler):
     release ported an SDE written for the opposite convention, t = 0 noise; under t = 1 noise its
     diffusion coefficient is negative and its square root yields NaN.)
 
-    The last step is a noise-free Euler step of the ODE, so no fresh noise is left in the output. `t_end` must be
-    positive (the score diverges at t = 0), so this sampler keeps its own and ignores the transport's.
+    The last step is a noise-free Euler step of the ODE, so no fresh noise is left in the output (`last_step="ode"`).
+    `last_step="mean"` is SiT's evaluation sampler instead: every grid step is stochastic, and a closing step of
+    the SDE's drift without noise goes from the grid's end to t = 0 (SiT: 250 grid points on t in [1, 0.04], then
+    a "Mean" step of size 0.04). With g(t)^2 = 2 t this is SiT's SDE with its "sigma" diffusion: SiT's diffusion
+    coefficient is its noise level 1 - s = t in dsr's time, and its drift v + (1 - s) * score is, mapped to dsr's
+    time and velocity, v - t * score. `t_end` must be positive (the score diverges at t = 0), so this sampler keeps
+    its own and ignores the transport's.
     """
 
-    def __init__(self, num_steps: int = 250, t_end: float = 0.001, diffusion_scale: float = 1.0) -> None:
+    def __init__(
+        self, num_steps: int = 250, t_end: float = 0.001, diffusion_scale: float = 1.0, last_step: str = "ode"
+    ) -> None:
         if t_end is None or t_end <= 0:
             raise ValueError(f"the SDE sampler needs t_end > 0 (its score diverges at t = 0), got {t_end}")
         if diffusion_scale < 0:
             raise ValueError(f"diffusion_scale must be >= 0, got {diffusion_scale}")
+        if last_step not in SDE_LAST_STEPS:
+            raise ValueError(f"last_step must be one of {SDE_LAST_STEPS}, got {last_step!r}")
         super().__init__(num_steps, t_end)
         self.diffusion_scale = diffusion_scale
+        self.last_step = last_step
 
     def nfe(self) -> int:
-        """Velocity evaluations per sample: one per step."""
-        return self.num_steps - 1
+        """Velocity evaluations per sample: one per step (and one for SiT's closing "mean" step)."""
+        return self.num_steps - 1 + (self.last_step == "mean")
 
     @torch.no_grad()
     def integrate(
@@ -173,16 +185,71 @@ class SDESampler(_GridSampler):
             if len(generator) != noise.shape[0]:
                 raise ValueError(f"got {len(generator)} generators for a batch of {noise.shape[0]}: need one per row")
         x = noise
-        last = self.num_steps - 2
+        last = self.num_steps - 2 if self.last_step == "ode" else None
+        t_last = 1.0
         for i, t_cur, t_next in self.steps(shift, progress, "SDE"):
             h = t_next - t_cur  # negative: integrating toward data
-            t = _batch_time(t_cur, x)
-            v = velocity_fn(x, t).to(x.dtype)
+            t_last = t_next
             if i == last:
-                x = x + h * v
+                x = x + h * velocity_fn(x, _batch_time(t_cur, x)).to(x.dtype)
                 continue
-            g2 = 2.0 * self.diffusion_scale * t_cur
-            drift = v - 0.5 * g2 * score_from_velocity(v, x, t)
+            drift = self._drift(velocity_fn, x, t_cur)
             z = _fresh_noise(x, generator)
-            x = x + h * drift + (g2 * abs(h)) ** 0.5 * z
+            x = x + h * drift + (2.0 * self.diffusion_scale * t_cur * abs(h)) ** 0.5 * z
+        if self.last_step == "mean":  # SiT's closing step: the SDE's drift, no noise, from the grid's end to t = 0
+            x = x - t_last * self._drift(velocity_fn, x, t_last)
         return x
+
+    def _drift(self, velocity_fn: VelocityFn, x: Tensor, t_cur: float) -> Tensor:
+        """v - g(t)^2 / 2 * score, with g(t)^2 = 2 * diffusion_scale * t."""
+        t = _batch_time(t_cur, x)
+        v = velocity_fn(x, t).to(x.dtype)
+        return v - self.diffusion_scale * t_cur * score_from_velocity(v, x, t)
+
+
+class AdaptiveODESampler:
+    """The probability-flow ODE dx/dt = v(x, t) from t = 1 to t_end with an adaptive solver (torchdiffeq's
+    `odeint`; dopri5 with atol 1e-6, rtol 1e-3 is SiT's ODE sampler). The solver picks its own steps, so the time
+    shift of the fixed grids does not apply; `t_end` None takes the end from the caller (the model's transport).
+    Every sample of the batch is integrated together, with one step size: the error norm is over the batch."""
+
+    def __init__(self, method: str = "dopri5", atol: float = 1e-6, rtol: float = 1e-3, t_end: float | None = None):
+        if method not in ADAPTIVE_METHODS:
+            raise ValueError(f"method must be one of {ADAPTIVE_METHODS}, got {method!r}")
+        if t_end is not None and not 0.0 <= t_end < 1.0:
+            raise ValueError(f"t_end must lie in [0, 1), got {t_end}")
+        self.method = method
+        self.atol = atol
+        self.rtol = rtol
+        self.t_end = t_end
+        self.last_nfe = 0  # velocity evaluations of the last `integrate`
+
+    @torch.no_grad()
+    def integrate(
+        self,
+        velocity_fn: VelocityFn,
+        noise: Tensor,
+        shift: float,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        progress: bool = False,
+        t_end: float | None = None,
+    ) -> Tensor:
+        """Map noise [B, ...] at t = 1 to samples at t_end. `shift` and `generator` are accepted for a common
+        signature and not used (an adaptive solver has no grid; the ODE is deterministic)."""
+        from torchdiffeq import odeint  # the only sampler that needs it
+
+        end = self.t_end if self.t_end is not None else t_end
+        if end is None:
+            raise ValueError("AdaptiveODESampler has no t_end: set sampler.solver.t_end or pass the transport's")
+        self.last_nfe = 0
+        bar = tqdm(disable=not progress, desc=f"{self.method} ODE", unit="call")
+
+        def f(t: Tensor, x: Tensor) -> Tensor:
+            self.last_nfe += 1
+            bar.update(1)
+            return velocity_fn(x, _batch_time(float(t), x)).to(x.dtype)
+
+        times = torch.tensor([1.0, end], dtype=noise.dtype, device=noise.device)
+        out = odeint(f, noise, times, method=self.method, atol=self.atol, rtol=self.rtol)[-1]
+        bar.close()
+        return out

@@ -99,7 +99,7 @@ def test_row_matches_composed_config(row, tmp_path):
     assert choices.experiment == name
     for column in ("encoder", "backbone", "registers", "recipe"):
         assert choices[column] == row[column], column
-    assert choices.data == "imagenet" and choices.stage == "dit" and choices.sampler == "euler"
+    assert choices.data == "imagenet" and choices.stage == "dit"
     assert choices.cluster == "local", "experiment files leave the cluster to the launcher"
     assert cfg.backbone.num_registers == int(row["num_registers"])
     assert cfg.backbone.register_start == int(row["register_start"])
@@ -107,25 +107,34 @@ def test_row_matches_composed_config(row, tmp_path):
     assert (epochs in (-1, None)) if row["epochs"] == "-" else epochs == int(row["epochs"])
     assert steps == -1 if row["steps"] == "-" else steps == int(row["steps"])
     assert row["epochs"] != "-" or row["steps"] != "-", "a row needs an epoch or a step limit"
-    assert cfg.data.global_batch_size == int(row["global batch"]) == 1024
+    assert cfg.data.global_batch_size == int(row["global batch"])
     assert math.isclose(cfg.module.optimizer.lr, number(row["lr"]))
     assert math.isclose(cfg.module.ema_decay, number(row["EMA"]))
 
-    # Common to every row: ImageNet 256, AdamW (0.9, 0.95) without decay, Euler 50 steps unguided, online FID.
+    # Common to every row: ImageNet 256, no weight decay, unguided sampling, an online FID on 10K samples.
     assert cfg.data.image_size == 256 and cfg.data.num_classes == 1000
-    assert math.isclose(cfg.module.optimizer.lr, 2e-4)
-    assert list(cfg.module.optimizer.betas) == [0.9, 0.95] and cfg.module.optimizer.weight_decay == 0.0
-    assert cfg.sampler.solver.method == "euler" and cfg.sampler.solver.num_steps == 50
-    assert cfg.sampler.guidance.scale == 1.0
+    assert cfg.module.optimizer.weight_decay == 0.0 and cfg.sampler.guidance.scale == 1.0
     assert cfg.callbacks.fid.every_n_steps == 25000 and cfg.callbacks.fid.num_samples == 10000
-    assert cfg.transport.prediction == "x"  # the release's x-prediction for every row, DiT-DH included
 
     schedule = cfg.module.lr_schedule
+    if choices.recipe == "sit":  # SiT's protocol (the SD-VAE rows): its recipe, sampler and SD-VAE latents
+        assert choices.encoder == "sd_vae" and choices.backbone == "sit_xl" and choices.sampler == "sit_sde"
+        assert cfg.data.global_batch_size == 256 and math.isclose(cfg.module.optimizer.lr, 1e-4)
+        assert list(cfg.module.optimizer.betas) == [0.9, 0.999] and cfg.module.ema_decay == 0.9999
+        assert (cfg.transport.prediction, cfg.transport.time_dist, cfg.transport.shift) == ("velocity", "uniform", 1.0)
+        assert cfg.trainer.gradient_clip_val is None and cfg.trainer.precision == "32-true"
+        assert cfg.sampler.solver.num_steps == 250 and cfg.sampler.solver.last_step == "mean"
+        assert cfg.sampler.guidance.guided_channels == 3 and steps == 400000
+    else:  # the DSR release's rows: batch 1024, AdamW (0.9, 0.95) at 2e-4, Euler 50 steps, x-prediction
+        assert choices.sampler == "euler" and cfg.data.global_batch_size == 1024
+        assert math.isclose(cfg.module.optimizer.lr, 2e-4) and list(cfg.module.optimizer.betas) == [0.9, 0.95]
+        assert cfg.sampler.solver.method == "euler" and cfg.sampler.solver.num_steps == 50
+        assert cfg.transport.prediction == "x"  # the release's x-prediction for every row, DiT-DH included
     if choices.recipe == "dsr_release":
         assert cfg.module.ema_decay == 0.9999 and cfg.trainer.gradient_clip_val is None
         assert schedule.constant_epochs is None and schedule.warmup_epochs == 0.0
-    else:  # DiT-DH: RAE's schedule with x-prediction
-        assert choices.recipe == "rae" and choices.backbone == "dit_dh_xl"
+    elif choices.recipe == "rae":  # DiT-DH: RAE's schedule with x-prediction
+        assert choices.backbone == "dit_dh_xl"
         assert cfg.module.ema_decay == 0.9995 and cfg.trainer.gradient_clip_val == 1.0
         assert schedule.constant_epochs == 40 and schedule.decay_end_epochs == 800 == epochs
         assert math.isclose(schedule.final_lr, 2e-5)
@@ -183,12 +192,18 @@ def test_paper_numbers():
         "scale_dit_s_dsr": "23.93",
         "scale_dit_b": "20.36",
         "scale_dit_b_dsr": "9.81",
+        "enc_siglip2_b_ttr": "4.63",
+        "diff_regs_36": "5.33",
+        "input_dinov2_b_reg": "4.11",
+        "input_dinov2_b_reg_dsr": "3.92",
+        "input_vae_sit_xl": "16.05",
+        "input_vae_sit_xl_diff": "14.47",
     }
     assert {k: v for k, v in paper.items() if v != NOT_IN_NOTES} == expected
 
 
 def test_scripts_launch_every_row_once():
-    assert {s.stem for s in SCRIPTS} == {"main", "encoder_registers", "diffusion_registers", "scaling"}
+    assert {s.stem for s in SCRIPTS} == {"main", "encoder_registers", "diffusion_registers", "scaling", "input_spaces"}
     launched: dict[str, str] = {}
     tables = {row["experiment"]: row["table"] for row in ROWS}
     for script in SCRIPTS:
@@ -267,8 +282,9 @@ def test_readme_commands_compose(tmp_path):
                 cfg = compose_train(overrides, tmp_path / "train")
             else:
                 cfg = compose_script(entry.split(".")[1], overrides)
-            if entry == "dsr.sample":
-                assert cfg.num_samples == 50000 and cfg.sampler.solver.num_steps == 50
+            if entry == "dsr.sample":  # 50 Euler steps, or SiT's 250-step SDE for the SD-VAE rows
+                steps = 250 if cfg.hydra.runtime.choices.sampler == "sit_sde" else 50
+                assert cfg.num_samples == 50000 and cfg.sampler.solver.num_steps == steps
                 assert Path(cfg.ckpt).name == "last.ckpt"
             if entry == "dsr.stats":
                 assert cfg.stats.output.endswith(
@@ -285,6 +301,9 @@ def test_readme_prerequisites_cover_every_artifact_pair(tmp_path):
             stats_pairs.add((options["encoder"], options["registers"]))
     for name in ROW_NAMES:
         cfg = compose_train([f"experiment={name}"], tmp_path / name)
+        if cfg.hydra.runtime.choices.encoder == "sd_vae":  # scales its latents and decodes them itself: no artifacts
+            assert cfg.encoder.stats is None and "decoder" not in cfg.encoder
+            continue
         pair = (cfg.hydra.runtime.choices.encoder, cfg.encoder.registers)
         assert pair in stats_pairs, f"{name}: no dsr.stats command for {pair}"
         assert f"`{pair[0]}-{pair[1]}`" in README.read_text()

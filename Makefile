@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup train train-rae test test-fast lint format bench study clean
+.PHONY: help setup train train-rae train-sit test test-fast lint format bench study clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -23,6 +23,11 @@ train-rae: setup  ## the quickstart in a tiny encoder's latents: statistics, sta
 	$(BIN)/python -m dsr.stats experiment=quickstart_rae
 	$(BIN)/python -m dsr.train experiment=quickstart_rae_decoder
 	$(BIN)/python -m dsr.train experiment=quickstart_rae
+
+train-sit: setup  ## the quickstart in VAE latents with SiT: a small VAE (stage=vae), its statistics, a tiny SiT
+	$(BIN)/python -m dsr.train experiment=quickstart_sit_vae
+	$(BIN)/python -m dsr.stats experiment=quickstart_sit
+	$(BIN)/python -m dsr.train experiment=quickstart_sit
 
 test: setup  ## the test suite (CPU, a few minutes)
 	$(BIN)/python -m pytest

@@ -124,9 +124,9 @@ def test_an_override_hydra_cannot_compose_is_one_line_and_exit_status_2(tmp_path
     result = subprocess.run([sys.executable, "-m", "dsr.sample", "sampler=nope", "ckpt=x.ckpt"], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=120)  # fmt: skip
     assert result.returncode == 2
-    assert (
-        result.stderr
-        == "error: In 'sample': Could not find 'sampler/nope' Available options in 'sampler': euler heun sde\n"
+    assert result.stderr == (
+        "error: In 'sample': Could not find 'sampler/nope' Available options in 'sampler': "
+        "euler heun sde sit_ode sit_sde\n"
     )
 
 

@@ -243,3 +243,19 @@ def test_dsr_convert_writes_a_checkpoint_that_samples_from_sit_weights(tmp_path)
             module.solver.num_steps = 5  # 250 as configured
         images = module.sample(torch.tensor([0, 1]))
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_sits_time_distribution_and_sampler_grid_describe_the_same_noise_levels():
+    """recipe=sit draws t uniform on [0, 1] in dsr's time: the same noise levels as SiT's uniform t_sit = 1 - t; and
+    sampler=sit_sde's grid is SiT's SDE grid linspace(0, 0.96, 250) in SiT's time, read backwards as 1 - t."""
+    from scipy import stats as scipy_stats  # noqa: PLC0415
+
+    from dsr.diffusion.samplers import time_grid  # noqa: PLC0415
+
+    cfg = compose("train", ["backbone=sit_xl", "recipe=sit", "sampler=sit_sde", "data=imagenet"])
+    transport, solver = instantiate(cfg.transport), instantiate(cfg.sampler.solver)
+    t = transport.sample_time(20000, (4, 32, 32), generator=torch.Generator().manual_seed(0))
+    assert scipy_stats.kstest((1 - t).numpy(), "uniform").pvalue > 1e-3  # SiT's t_sit ~ U(0, 1)
+    grid = time_grid(solver.num_steps, transport.shift_for((4, 32, 32)), solver.t_end)
+    sit_grid = torch.linspace(0, 1 - 0.04, 250, dtype=torch.float64)
+    torch.testing.assert_close(1 - grid, sit_grid, rtol=0, atol=1e-12)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from dsr.encoders.rae import ENCODER_PRECISIONS, from_pretrained, load_stats, seeded_init
@@ -33,6 +34,8 @@ def load_autoencoder(pretrained: str | None, config: dict | None, seed: int, loc
     if pretrained is None:
         if config is None:
             raise ValueError("encoder.pretrained is null: give encoder.config (an AutoencoderKL config dict)")
+        if OmegaConf.is_config(config):  # plain lists and dicts: save_pretrained writes the config as JSON
+            config = OmegaConf.to_container(config, resolve=True)
         return seeded_init(lambda: AutoencoderKL(**config), seed)
     return from_pretrained(AutoencoderKL, pretrained, local_files_only)
 

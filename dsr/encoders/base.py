@@ -9,7 +9,11 @@ from torch import Tensor
 
 @runtime_checkable
 class LatentCodec(Protocol):
-    """Images [B, 3, H, W] in [0, 1] <-> latents [B, C, h, w]. Stage 2 never sees more than this."""
+    """Images [B, 3, H, W] in [0, 1] <-> latents [B, C, h, w]. Stage 2 never sees more than this.
+
+    A codec whose encoding is random may also offer `cache_tokens(images)` and `cache_shape`: what `dsr.cache_latents`
+    stores instead of one draw (the SD-VAE's posterior mean and standard deviation), which `normalize` then samples.
+    """
 
     latent_shape: tuple[int, int, int]  # (C, h, w)
     image_size: int

@@ -48,7 +48,7 @@ from dsr.data.views import subset_indices, without_flip
 from dsr.registers.hooks import ViTAdapter
 from dsr.registers.neurons import NoOutliersError
 from dsr.utils.devices import resolve_device
-from dsr.utils.files import run_dir_of
+from dsr.utils.files import load_tensors, run_dir_of
 
 log = logging.getLogger("dsr.analyze")
 
@@ -180,7 +180,7 @@ def analyze_dit(cfg: DictConfig) -> Path:
     generator = torch.Generator().manual_seed(int(a.seed))
     noise = torch.randn(latents.shape, generator=generator)  # the same noise at every t: times are comparable
 
-    checkpoint_step = torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step")
+    checkpoint_step = load_tensors(ckpt, "analyze.ckpt").get("global_step")
     series = {}
     for t in times:
         stats = dit_statistics(backbone, latents, labels, noise, t, batch_size=a.batch_size, layers=layers,

@@ -67,7 +67,7 @@ from dsr.models.ddt import DiTDH
 from dsr.models.decoder import REFERENCE_POS_EMBED, from_reference_state_dict
 from dsr.models.dit import LightningDiT
 from dsr.models.layers import RMSNorm
-from dsr.utils.files import atomic_write
+from dsr.utils.files import atomic_write, load_tensors
 from dsr.utils.frozen import drop_frozen
 
 PREFIXES = ("module.", "_orig_mod.")
@@ -100,7 +100,7 @@ def load_file(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_tensors(path, "SRC")
 
 
 def release_weights(checkpoint: Any, weights: str = "auto") -> tuple[dict[str, Tensor], dict[str, Tensor], int]:

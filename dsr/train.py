@@ -23,7 +23,7 @@ from dsr.lightning.callbacks import FIDEvaluation
 from dsr.lightning.checkpoint_io import AtomicCheckpointIO
 from dsr.lightning.preflight import check_prerequisites
 from dsr.models.profile import register_overhead
-from dsr.utils.files import atomic_write
+from dsr.utils.files import atomic_write, load_tensors
 
 log = logging.getLogger("dsr.train")
 
@@ -49,7 +49,7 @@ def initialize_from(module: L.LightningModule, path: str | Path) -> None:
     schedule and step count start anew."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"init_from={path} does not exist")
-    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    module.load_state_dict(load_tensors(path, "init_from")["state_dict"])
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

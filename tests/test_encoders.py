@@ -230,3 +230,30 @@ def test_shipped_neuron_lists_fit_the_real_architectures(name, config, registers
     assert installed == {int(layer): list(dict.fromkeys(js)) for layer, js in raw.items()}
     assert sum(len(v) for v in installed.values()) == {"siglip2_b": 50, "siglip2_so400m": 72}[name]
     assert encoder.latent_shape == (config["hidden_size"], 16, 16)
+
+
+class _RunsCode:
+    """Unpickling this touches a marker file: the code a malicious checkpoint could run."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_files_a_user_is_handed_are_loaded_without_running_code(tmp_path):
+    from dsr.encoders.rae import load_stats  # noqa: PLC0415
+    from dsr.lightning.dit_module import DiTModule  # noqa: PLC0415
+    from dsr.utils.files import load_tensors  # noqa: PLC0415
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"mean": torch.zeros(2, 1, 1), "var": torch.ones(2, 1, 1), "extra": _RunsCode(marker)}, evil)
+    with pytest.raises(ValueError, match=r"encoder.stats=.*evil.pt holds Python objects other than tensors"):
+        load_stats(evil, (2, 1, 1))
+    with pytest.raises(ValueError, match=r"ckpt=.*evil.pt holds Python objects"):
+        DiTModule.from_checkpoint(evil)
+    assert not marker.exists()
+    torch.save({"mean": torch.zeros(2, 1, 1), "var": torch.ones(2, 1, 1), "count": 3, "source": "x"}, evil)
+    assert load_tensors(evil, "encoder.stats")["count"] == 3  # what dsr writes loads

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from dsr.registers.neurons import load_register_neurons
 from dsr.registers.ttr import TestTimeRegisters
+from dsr.utils.files import load_tensors
 from dsr.utils.frozen import keep_frozen_in_eval, mark_frozen
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def load_stats(path: str | os.PathLike, latent_shape: Sequence[int]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder.stats={path} does not exist: {STATS_HINT}")
-    stats = torch.load(path, map_location="cpu", weights_only=False)
+    stats = load_tensors(path, "encoder.stats")
     for key in ("mean", "var"):
         if key not in stats:
             raise ValueError(f"encoder.stats={path} has no '{key}' entry (keys: {sorted(stats)})")
@@ -224,7 +225,7 @@ class RepresentationAutoencoder(nn.Module):
     def _load_decoder(self, path: str) -> None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"encoder.decoder_weights={path} does not exist: {DECODER_HINT}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path, "encoder.decoder_weights")
         self.decoder.load_state_dict(state)
 
     def train(self, mode: bool = True) -> RepresentationAutoencoder:

@@ -24,6 +24,7 @@ from dsr.diffusion.guidance import ClassifierFreeGuidance
 from dsr.diffusion.transport import Transport
 from dsr.encoders.base import LatentCodec
 from dsr.lightning.training import ema_copy, steps_per_epoch
+from dsr.utils.files import load_tensors
 from dsr.utils.frozen import drop_frozen, fill_frozen
 from dsr.utils.seeding import step_generator
 
@@ -192,7 +193,7 @@ class DiTModule(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiTModule:
         """Rebuild the module from the config stored in a training checkpoint and load its weights (EMA included)."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = load_tensors(path, "ckpt", map_location)
         config = checkpoint.get("dsr", {}).get("config")
         if config is None:
             raise ValueError(f"{path} holds no dsr config: it was not written by dsr.train")

@@ -10,6 +10,25 @@ from pathlib import Path
 from typing import IO
 
 
+def load_tensors(path: str | Path, setting: str, map_location: str | object = "cpu") -> object:
+    """`torch.load` of a file a user may have been handed (a checkpoint, statistics, weights) without running code:
+    `weights_only=True` accepts tensors, numbers, strings, None and lists / tuples / dicts of them, which is all
+    that dsr's own files and Lightning's checkpoints hold. A file with anything else fails with one line naming
+    `setting`, the file and the reason, before any of it is unpickled into objects."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).split("\n")[0]
+        raise ValueError(
+            f"{setting}={path} holds Python objects other than tensors and plain containers; it is not loaded, since "
+            f"unpickling them could run code ({reason})"
+        ) from None
+
+
 def sha256_file(path: str | Path, digest: hashlib._Hash | None = None) -> hashlib._Hash:
     """`digest` (a new sha256 by default) updated with the file's bytes, read in 1 MiB chunks."""
     digest = digest or hashlib.sha256()

@@ -117,3 +117,25 @@ def test_bf16_mixed_precision_trains(run_train):
     assert state["backbone.blocks.0.attn.qkv.weight"].dtype == torch.float32
     assert state["ema.module.blocks.0.attn.qkv.weight"].dtype == torch.float32
     assert not torch.equal(state["backbone.blocks.0.attn.qkv.weight"], state["ema.module.blocks.0.attn.qkv.weight"])
+
+
+class _RunsCode:
+    """Unpickling this touches a marker file: the code a swapped-in checkpoint could run."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_a_resume_never_runs_code_from_the_checkpoint(run_train, tmp_path):
+    common = [*TINY_RUN, "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0"]
+    _, run_dir = run_train(common)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    marker = tmp_path / "ran"
+    torch.save({**checkpoint, "planted": _RunsCode(marker)}, last)
+    with pytest.raises(ValueError, match=r"resume=.*last.ckpt holds Python objects other than tensors"):
+        run_train([*TINY_RUN, "trainer.max_steps=4", "callbacks.sample_grid.every_n_steps=0"])
+    assert not marker.exists()

@@ -8,11 +8,17 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from dsr.utils.files import atomic_write
+from dsr.utils.files import atomic_write, load_tensors
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints go through `atomic_write`: a crash mid-write keeps the previous checkpoint intact."""
+    """Checkpoints go through `atomic_write`: a crash mid-write keeps the previous checkpoint intact; a resume
+    reads them through `load_tensors` (weights_only: a checkpoint swapped in by someone else cannot run code)."""
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_tensors(path, "resume", map_location if map_location is not None else "cpu")
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)

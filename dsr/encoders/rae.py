@@ -58,6 +58,17 @@ def load_stats(path: str | os.PathLike, latent_shape: Sequence[int]) -> dict:
     return stats
 
 
+def register_latent_stats(codec: nn.Module, stats: str | None, latent_shape: Sequence[int]) -> None:
+    """The buffers `latent_mean` and `latent_var` [C, h, w] of a codec: from a statistics file, or 0 and 1 without
+    one. Buffers, so they travel in stage-2 checkpoints."""
+    mean, var = torch.zeros(tuple(latent_shape)), torch.ones(tuple(latent_shape))
+    if stats is not None:
+        loaded = load_stats(stats, latent_shape)
+        mean, var = loaded["mean"].float(), loaded["var"].float()
+    codec.register_buffer("latent_mean", mean)
+    codec.register_buffer("latent_var", var)
+
+
 def resolve_pretrained(pretrained: str) -> str:
     """A local directory as given, else the hub id (looked up in the Hugging Face cache)."""
     expanded = os.path.expanduser(pretrained)
@@ -174,12 +185,7 @@ class RepresentationAutoencoder(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1))
 
-        mean, var = torch.zeros(self.latent_shape), torch.ones(self.latent_shape)
-        if stats is not None:
-            loaded = load_stats(stats, self.latent_shape)
-            mean, var = loaded["mean"].float(), loaded["var"].float()
-        self.register_buffer("latent_mean", mean)
-        self.register_buffer("latent_var", var)
+        register_latent_stats(self, stats, self.latent_shape)
 
         self.decoder = None if decoder is None else decoder(in_channels=hidden_size, grid_size=grid_size)
         if self.decoder is not None:

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from dsr.encoders.rae import ENCODER_PRECISIONS, from_pretrained, load_stats, seeded_init
+from dsr.encoders.rae import ENCODER_PRECISIONS, from_pretrained, register_latent_stats, seeded_init
 from dsr.utils.frozen import keep_frozen_in_eval, mark_frozen
 
 SD_SCALING_FACTOR = 0.18215  # Stable Diffusion's latent scale (unit variance, roughly), as SiT and DiT use it
@@ -91,12 +91,7 @@ class StableDiffusionVAE(nn.Module):
         self.eps = eps
         self.precision = precision
         self.uses_stats = stats is not None
-        mean, var = torch.zeros(self.latent_shape), torch.ones(self.latent_shape)
-        if stats is not None:
-            loaded = load_stats(stats, self.latent_shape)
-            mean, var = loaded["mean"].float(), loaded["var"].float()
-        self.register_buffer("latent_mean", mean)
-        self.register_buffer("latent_var", var)
+        register_latent_stats(self, stats, self.latent_shape)
 
     def train(self, mode: bool = True) -> StableDiffusionVAE:
         super().train(mode)

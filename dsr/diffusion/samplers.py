@@ -54,17 +54,16 @@ def _fresh_noise(x: Tensor, generator: torch.Generator | list[torch.Generator] |
     return torch.stack(rows).to(x.device)
 
 
-class _GridSampler:
-    """What every sampler shares: the shifted time grid from t = 1 to t_end, walked step by step."""
+class _Sampler:
+    """What every sampler shares: where integration ends, its own `t_end` or the one the caller passes."""
 
-    def __init__(self, num_steps: int, t_end: float | None) -> None:
+    def __init__(self, t_end: float | None) -> None:
         if t_end is not None and not 0.0 <= t_end < 1.0:
             raise ValueError(f"t_end must lie in [0, 1), got {t_end}")
-        self.num_steps = num_steps
         self.t_end = t_end
 
     def end_time(self, t_end: float | None) -> float:
-        """The grid's last time before the shift: this sampler's own `t_end` if set, else the given one (the
+        """The last time (before a grid's shift): this sampler's own `t_end` if set, else the given one (the
         transport's `sample_t_end`)."""
         end = self.t_end if self.t_end is not None else t_end
         if end is None:
@@ -73,6 +72,14 @@ class _GridSampler:
                 "sample_t_end to integrate(t_end=...)"
             )
         return end
+
+
+class _GridSampler(_Sampler):
+    """The fixed-step samplers: the shifted time grid from t = 1 to t_end, walked step by step."""
+
+    def __init__(self, num_steps: int, t_end: float | None) -> None:
+        super().__init__(t_end)
+        self.num_steps = num_steps
 
     def steps(
         self, shift: float, progress: bool, desc: str, t_end: float | None = None
@@ -207,7 +214,7 @@ class SDESampler(_GridSampler):
         return v - self.diffusion_scale * t_cur * score_from_velocity(v, x, t)
 
 
-class AdaptiveODESampler:
+class AdaptiveODESampler(_Sampler):
     """The probability-flow ODE dx/dt = v(x, t) from t = 1 to t_end with an adaptive solver (torchdiffeq's
     `odeint`; dopri5 with atol 1e-6, rtol 1e-3 is SiT's ODE sampler). The solver picks its own steps, so the time
     shift of the fixed grids does not apply; `t_end` None takes the end from the caller (the model's transport).
@@ -216,12 +223,10 @@ class AdaptiveODESampler:
     def __init__(self, method: str = "dopri5", atol: float = 1e-6, rtol: float = 1e-3, t_end: float | None = None):
         if method not in ADAPTIVE_METHODS:
             raise ValueError(f"method must be one of {ADAPTIVE_METHODS}, got {method!r}")
-        if t_end is not None and not 0.0 <= t_end < 1.0:
-            raise ValueError(f"t_end must lie in [0, 1), got {t_end}")
+        super().__init__(t_end)
         self.method = method
         self.atol = atol
         self.rtol = rtol
-        self.t_end = t_end
         self.last_nfe = 0  # velocity evaluations of the last `integrate`
 
     @torch.no_grad()
@@ -238,9 +243,7 @@ class AdaptiveODESampler:
         signature and not used (an adaptive solver has no grid; the ODE is deterministic)."""
         from torchdiffeq import odeint  # the only sampler that needs it
 
-        end = self.t_end if self.t_end is not None else t_end
-        if end is None:
-            raise ValueError("AdaptiveODESampler has no t_end: set sampler.solver.t_end or pass the transport's")
+        end = self.end_time(t_end)
         self.last_nfe = 0
         bar = tqdm(disable=not progress, desc=f"{self.method} ODE", unit="call")
 

@@ -106,11 +106,14 @@ RENAMED_KEYS: dict[str, dict[str, str]] = {
     "stats": {**_STAGE_KEYS, "stats.num_samples": "stats.num_images"},
     "cache_latents": {**_STAGE_KEYS, "cache.num_samples": "cache.num_images"},
     "analyze": {**_STAGE_KEYS, "analyze.out_dir": "analyze.output", "analyze.device": "accelerator"},
-    "sample": {"out_dir": "output"},
+    "sample": {"out_dir": "output", "use_ema": "ema", "precision": "sampler.precision"},
     "evaluate": {"out": "output", "device": "accelerator"},
 }
-# Old values -> Lightning's precision names, which trainer.precision and sample's precision already use.
-RENAMED_VALUES: dict[str, dict[str, str]] = {"encoder.precision": {"bf16": "bf16-mixed", "fp32": "32-true"}}
+# Old values -> current ones: encoder precisions in Lightning's names (as trainer.precision spells them), sample's ema.
+RENAMED_VALUES: dict[str, dict[str, str]] = {
+    "encoder.precision": {"bf16": "bf16-mixed", "fp32": "32-true"},
+    "ema": {"true": "auto", "false": "none"},  # sample's use_ema=true / false
+}
 _OVERRIDE = re.compile(r"^(?P<prefix>~|\+\+|\+)?(?P<key>[A-Za-z_][\w.]*)(?P<rest>(=.*)?)$", re.DOTALL)
 
 

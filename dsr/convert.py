@@ -417,7 +417,8 @@ def convert_stage2(
     checkpoint = load_file(src)
     model_weights, ema_weights, step = release_weights(checkpoint, weights)
     module.backbone.load_state_dict(release_to_dsr(model_weights, module.backbone))
-    module.ema.module.load_state_dict(release_to_dsr(ema_weights, module.ema.module))
+    for average in module.ema.averages:  # the release keeps one EMA: every configured decay starts from it
+        average.load_state_dict(release_to_dsr(ema_weights, average))
     module.ema.n_averaged.fill_(max(step, 1))  # > 0: a first EMA update averages instead of copying the raw weights
 
     module.run_config = resolved_config(cfg)

@@ -232,7 +232,7 @@ def test_dit_target_and_outlier_monitor_on_a_tiny_run(run_train, tmp_path):
 
     # The DiT target on the checkpoint with its diffusion registers scaled up 1000x.
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
-    checkpoint["state_dict"]["ema.module.registers.tokens"] *= 1000
+    checkpoint["state_dict"]["ema.averages.0.registers.tokens"] *= 1000
     planted = run_dir / "checkpoints" / "planted.ckpt"
     torch.save(checkpoint, planted)
     overrides = [

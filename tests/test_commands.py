@@ -101,7 +101,7 @@ def test_a_non_editable_install_finds_its_config_and_has_a_console_script_per_co
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     scripts = {p.name for p in (target / "bin").iterdir()}
-    commands = {"train", "sample", "evaluate", "analyze", "stats", "cache-latents", "convert", "make-shards"}
+    commands = {"train", "sample", "tune", "evaluate", "analyze", "stats", "cache-latents", "convert", "make-shards"}
     assert {f"dsr-{c}" for c in commands} <= scripts
     probe = (
         "from dsr.config import CONF_DIR, compose\n"
@@ -156,6 +156,8 @@ OLD_KEYS = [
     ("analyze", [], "analyze.out_dir", "elsewhere", "analyze.output"),
     ("analyze", [], "analyze.device", "cpu", "accelerator"),
     ("sample", ["ckpt=x.ckpt"], "out_dir", "elsewhere", "output"),
+    ("sample", ["ckpt=x.ckpt"], "use_ema", "0.9996", "ema"),
+    ("sample", ["ckpt=x.ckpt"], "precision", "bf16", "sampler.precision"),
     ("evaluate", ["samples=a.npz", "reference=b.npz"], "out", "m.json", "output"),
     ("evaluate", ["samples=a.npz", "reference=b.npz"], "device", "cpu", "accelerator"),
 ]
@@ -208,6 +210,9 @@ def test_an_old_value_spelling_on_the_command_line_is_renamed():
     with pytest.warns(DeprecatedName, match="^encoder.precision=bf16 is deprecated: use encoder.precision=bf16-mixed"):
         cfg = compose("train", ["encoder.precision=bf16"])
     assert cfg.encoder.precision == "bf16-mixed"
+    with pytest.warns(DeprecatedName, match="^ema=false is deprecated: use ema=none"):
+        cfg = compose("sample", ["ckpt=x.ckpt", "use_ema=false"])
+    assert cfg.ema == "none" and "use_ema" not in cfg
 
 
 def test_a_checkpoint_storing_old_spellings_loads_silently_as_it_was(tmp_path):

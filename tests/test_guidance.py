@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsr.diffusion.guidance import ClassifierFreeGuidance
-from dsr.diffusion.samplers import ODESampler
+from dsr.diffusion.samplers import ODESampler, time_grid
 from dsr.diffusion.transport import Transport
 
 NUM_CLASSES, NULL = 3, 3
@@ -108,7 +108,11 @@ def test_with_sampler_and_validation():
     x, _, y = _inputs([0.0] * B)
     out = sampler.integrate(cfg.velocity_fn(model, y, NULL, transport), x, shift=2.0)
     assert out.shape == x.shape and torch.isfinite(out).all()
-    assert model.batch_sizes == [2 * B] * sampler.nfe()
+    # The unconditional half runs only on steps inside [0.2, 0.8]: Heun evaluates at t_i and t_{i+1} of every step.
+    grid = time_grid(6, 2.0, 0.001).tolist()
+    times = [t for t_cur, t_next in zip(grid[:-1], grid[1:], strict=True) for t in (t_cur, t_next)]
+    assert model.batch_sizes == [2 * B if 0.2 <= t <= 0.8 else B for t in times]
+    assert B in model.batch_sizes and 2 * B in model.batch_sizes and len(times) == sampler.nfe() == sampler.last_nfe
     with pytest.raises(ValueError):
         ClassifierFreeGuidance(scale=2.0, t_min=0.7, t_max=0.3)
 
@@ -129,3 +133,75 @@ def test_guided_channels_guide_the_first_k_and_leave_the_rest_conditional():
     torch.testing.assert_close(every, v_u + 3.0 * (v_c - v_u), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="guided_channels must be >= 1"):
         ClassifierFreeGuidance(guided_channels=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# AutoGuidance
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _autoguidance(scale, guide_model, guide_transport, **interval):
+    from dsr.diffusion.guidance import AutoGuidance, Guide
+
+    guidance = AutoGuidance("unused.ckpt", scale=scale, **interval)
+    guidance.attach(Guide(model=guide_model, transport=guide_transport))
+    return guidance
+
+
+class ShiftedToy(ToyModel):
+    """Another toy network (a weaker guide): other coefficients."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = 0.5 * self.a + 0.1, self.b - 0.3
+
+
+def test_autoguidance_is_the_hand_computation_with_each_model_once_on_the_batch():
+    main, guide, transport = ToyModel(), ShiftedToy(), Transport(prediction="velocity")
+    guide_transport = Transport(prediction="x", x_pred_t_clamp=0.05)  # another prediction type: its own velocity
+    x, t, y = _inputs([0.01, 0.4, 0.8, 0.9])
+    v = _autoguidance(2.5, guide, guide_transport, t_min=0.0, t_max=0.85).velocity_fn(main, y, NULL, transport)(x, t)
+    v_main = main.direct(x, t, y)
+    x_guide = guide.direct(x, t, y)  # the same labels, no null class
+    v_guide = torch.stack([(xi - gi) / max(ti.item(), 0.05) for xi, gi, ti in zip(x, x_guide, t, strict=True)])
+    expected = torch.cat([(v_guide + 2.5 * (v_main - v_guide))[:3], v_main[3:]])
+    torch.testing.assert_close(v, expected, rtol=1e-12, atol=1e-12)
+    assert main.batch_sizes == [B] and guide.batch_sizes == [3]  # the guide only on the rows inside the interval
+
+    sampler = ODESampler("euler", num_steps=5, t_end=0.001)
+    main.batch_sizes, guide.batch_sizes = [], []
+    _ = sampler.integrate(_autoguidance(2.5, guide, guide_transport).velocity_fn(main, y, NULL, transport), x, 1.0)
+    assert main.batch_sizes == [B] * 4 and guide.batch_sizes == [B] * 4  # once each per step, never a doubled batch
+
+
+def test_autoguidance_scale_one_and_guide_equal_to_main_are_the_main_model():
+    main, transport = ToyModel(), Transport()
+    x, t, y = _inputs([0.2, 0.5, 0.7, 0.9])
+    v_main = main.direct(x, t, y)
+    unit = _autoguidance(1.0, ShiftedToy(), transport).velocity_fn(main, y, NULL, transport)(x, t)
+    assert torch.equal(unit, v_main) and main.batch_sizes == [B]
+    for scale in (0.0, 1.7, 4.0):
+        same = _autoguidance(scale, ToyModel(), transport).velocity_fn(main, y, NULL, transport)(x, t)
+        torch.testing.assert_close(same, v_main, rtol=1e-12, atol=1e-12)
+
+
+def test_autoguidance_needs_its_guide_loaded():
+    from dsr.diffusion.guidance import AutoGuidance
+
+    x, t, y = _inputs([0.5] * B)
+    with pytest.raises(RuntimeError, match="not loaded"):
+        AutoGuidance("guide.ckpt", scale=2.0).velocity_fn(ToyModel(), y, NULL, Transport())(x, t)
+
+
+def test_cfg_outside_its_interval_runs_the_conditional_forward_alone():
+    model, transport = ToyModel(), Transport()
+    x, t, y = _inputs([0.05, 0.06, 0.07, 0.08])
+    v = ClassifierFreeGuidance(scale=3.0, t_min=0.1, t_max=1.0).velocity_fn(model, y, NULL, transport)(x, t)
+    assert torch.equal(v, model.direct(x, t, y)) and model.batch_sizes == [B]
+    model.batch_sizes = []
+    x, t, y = _inputs([0.05, 0.5, 0.07, 0.9])  # two rows inside: the doubled part is those two
+    v = ClassifierFreeGuidance(scale=3.0, t_min=0.1, t_max=1.0).velocity_fn(model, y, NULL, transport)(x, t)
+    assert model.batch_sizes == [B + 2]
+    v_c, v_u = model.direct(x, t, y), model.direct(x, t, torch.full_like(y, NULL))
+    expected = torch.where(torch.tensor([False, True, False, True])[:, None, None, None], v_u + 3.0 * (v_c - v_u), v_c)
+    torch.testing.assert_close(v, expected, rtol=1e-12, atol=1e-12)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {"dsr.train", "dsr.sample", "dsr.evaluate", "dsr.analyze", "dsr.stats", "dsr.cache_latents", "dsr.convert",
-            "dsr.data.make_shards"}  # fmt: skip
+            "dsr.data.make_shards", "dsr.tune"}  # fmt: skip
 
 
 def code_map(readme: Path = REPO / "README.md") -> dict[str, set[str]]:

@@ -231,8 +231,8 @@ def test_refuses_bad_settings(ckpt, tmp_path):
         run_sample(ckpt, tmp_path, "num_samples=0")
     with pytest.raises(ValueError, match="batch_size"):
         run_sample(ckpt, tmp_path, "batch_size=0")
-    with pytest.raises(ValueError, match="precision"):
-        run_sample(ckpt, tmp_path, "precision=fp8")
+    with pytest.raises(ValueError, match="sampler.precision"):
+        run_sample(ckpt, tmp_path, "sampler.precision=fp8")
     with pytest.raises(ValueError, match="num_classes"):
         run_sample(ckpt, tmp_path, "num_samples=2", "num_classes=5")
     with pytest.raises(ValueError, match="ckpt is required"):

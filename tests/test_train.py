@@ -56,6 +56,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(run_train):
         "trainer.deterministic=true",
         "callbacks.checkpoint.every_n_train_steps=2",
         "callbacks.sample_grid.every_n_steps=0",
+        "module.ema_decays=[0.9,0.99]",  # every EMA is saved and restored
     ]
     # 128 samples / 16 per batch = 8 steps an epoch: stop mid-way through the second epoch (the last checkpoint
     # is step 10, written again at 11), then resume with the same command across the next epoch boundary to 20.
@@ -66,7 +67,8 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(run_train):
     straight, resumed = last_checkpoint(straight_dir), last_checkpoint(resumed_dir)
     assert straight["global_step"] == resumed["global_step"] == 20
     assert straight["state_dict"].keys() == resumed["state_dict"].keys()
-    assert any(k.startswith("ema.") for k in straight["state_dict"])
+    assert any(k.startswith("ema.averages.1.") for k in straight["state_dict"])
+    assert straight["dsr"]["ema_decays"] == resumed["dsr"]["ema_decays"] == [0.9, 0.99]
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     assert straight["lr_schedulers"][0]["last_epoch"] == resumed["lr_schedulers"][0]["last_epoch"] == 20
@@ -115,8 +117,8 @@ def test_bf16_mixed_precision_trains(run_train):
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     state = last_checkpoint(run_dir)["state_dict"]
     assert state["backbone.blocks.0.attn.qkv.weight"].dtype == torch.float32
-    assert state["ema.module.blocks.0.attn.qkv.weight"].dtype == torch.float32
-    assert not torch.equal(state["backbone.blocks.0.attn.qkv.weight"], state["ema.module.blocks.0.attn.qkv.weight"])
+    assert state["ema.averages.0.blocks.0.attn.qkv.weight"].dtype == torch.float32
+    assert not torch.equal(state["backbone.blocks.0.attn.qkv.weight"], state["ema.averages.0.blocks.0.attn.qkv.weight"])
 
 
 class _RunsCode:

@@ -203,3 +203,62 @@ def plot_norm_histogram(
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def plot_sweep(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    best: tuple[float, float] | None = None,
+    size: tuple[int, int] = (640, 400),
+    dpi: int = 100,
+    title: str | None = None,
+) -> Path:
+    """A sweep's metric against one setting: one line per entry of `series` (label -> (xs, ys)), e.g. FID against the
+    guidance scale per EMA; `best` (x, y) is ringed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = _figure(size, dpi)
+    ax = fig.add_subplot()
+    for label, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), marker="o", label=label)
+    if best is not None:
+        ax.plot(*best, marker="o", markersize=14, markerfacecolor="none", markeredgecolor="black", linestyle="none",
+                label="best")  # fmt: skip
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def plot_precision_recall(
+    points: Mapping[str, tuple[float, float]],
+    path: str | Path,
+    *,
+    size: tuple[int, int] = (520, 480),
+    dpi: int = 100,
+    title: str | None = None,
+) -> Path:
+    """Precision against recall, one labelled point per entry (label -> (recall, precision))."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = _figure(size, dpi)
+    ax = fig.add_subplot()
+    for label, (recall, precision) in points.items():
+        ax.plot(recall, precision, marker="o", color="tab:blue")
+        ax.annotate(label, (recall, precision), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return path

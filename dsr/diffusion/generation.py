@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -83,15 +81,14 @@ def generate_shard(
     num_classes: int,
     seed: int,
     batch_size: int,
-    use_ema: bool = True,
-    autocast: Callable[[], AbstractContextManager] | None = None,
+    ema: float | str = "auto",
     progress: Callable[[int], Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate the images of `indices` [n] with `module` (a DiTModule on its device, solver and guidance set).
 
     Returns images uint8 [n, H, W, 3] and labels int64 [n]. Each image depends only on (module, sampler, seed,
-    index): the batching (`batch_size`) does not change it. `autocast` is a factory of the precision context
-    (e.g. `fabric.autocast`); `progress(k)` is called after each batch of k images.
+    index): the batching (`batch_size`) does not change it. `ema` picks the weights (`DiTModule.sampling_model`);
+    `progress(k)` is called after each batch of k images.
     """
     indices = np.asarray(indices, dtype=np.int64)
     labels = labels_for(indices, num_classes)
@@ -104,8 +101,7 @@ def generate_shard(
         generators = generators_for(batch, seed)
         noise = noise_for(batch, module.latent_shape, seed, generators=generators).to(device)
         y = torch.from_numpy(labels[start : start + batch_size]).to(device)
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            images = module.sample(y, noise=noise, generator=generators, use_ema=use_ema, progress=False)
+        images = module.sample(y, noise=noise, generator=generators, ema=ema, progress=False)
         chunks.append(to_uint8(images))
         if progress is not None:
             progress(len(batch))

@@ -114,6 +114,10 @@ class FIDEvaluation(EveryNSteps):
     precision / recall) as `proxy/*`, in the features of the training data's proxy classifier (trained or loaded from
     `proxy_dir` at the first evaluation), against the data's held-out split. The weights and the reference are checked
     when training starts, not at the first evaluation. `every_n_steps: 0` turns it off.
+
+    A run with several EMAs (`module.ema_decays`) is evaluated once per EMA, each logged under its decay
+    (`proxy/ema0.9996/fd`); a run with one logs the plain names (`proxy/fd`). The sampler's velocity evaluations per
+    sample are logged as `sample/nfe`.
     """
 
     def __init__(
@@ -170,19 +174,28 @@ class FIDEvaluation(EveryNSteps):
         self.weights_path = resolve_inception_weights(self.inception_weights)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        pl_module.log_dict(self.evaluate(trainer, pl_module), on_step=True, on_epoch=False)
+        decays = pl_module.ema_decays
+        metrics = {}
+        for decay in decays:
+            metrics.update(self.evaluate(trainer, pl_module, decay if len(decays) > 1 else "auto"))
+        metrics["sample/nfe"] = float(pl_module.solver.last_nfe)
+        self.last_metrics = metrics
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def metric_names(self) -> list[str]:
         """The keys of `feature_scores` this callback logs, in order (as `<prefix>/<key>`)."""
         names = ["fd", "conditional_accuracy"] if self.features == "proxy" else ["fid", "inception_score_mean"]
         return names + (["precision", "recall"] if self.precision_recall else [])
 
-    def log_name(self, key: str) -> str:
+    def log_name(self, key: str, ema: float | str = "auto") -> str:
         prefix = "proxy" if self.features == "proxy" else "fid"
+        if ema != "auto":
+            prefix = f"{prefix}/ema{ema:g}"
         return f"{prefix}/{'inception_score' if key == 'inception_score_mean' else key}"
 
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, ema: float | str = "auto") -> dict[str, float]:
+        """The scores of `num_samples` samples of the EMA `ema` picks, as {log name: value}."""
         from dsr.diffusion.generation import generate_shard
         from dsr.metrics.evaluation import feature_scores
         from dsr.metrics.inception import InceptionFeatures
@@ -202,6 +215,7 @@ class FIDEvaluation(EveryNSteps):
             num_classes=pl_module.backbone.y_embedder.num_classes,
             seed=self.seed,
             batch_size=self.batch_size,
+            ema=ema,
         )
         network = self.network or InceptionFeatures(self.weights_path)
         features, logits = network.extract(images, batch_size=self.batch_size, device=pl_module.device)
@@ -226,22 +240,23 @@ class FIDEvaluation(EveryNSteps):
             scores = feature_scores(features, logits, labels[:, 0].long(), network, reference, reference_features,
                                     self.precision_recall)  # fmt: skip
             metrics[:] = torch.tensor([float("nan") if scores[k] is None else scores[k] for k in names])
-            self.save_grid(images, trainer.global_step)
+            self.save_grid(images, trainer.global_step, "" if ema == "auto" else f"_ema{ema:g}")
         # Inception and the samples go before training resumes: nothing large is kept between evaluations.
         del network, gathered
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         metrics = trainer.strategy.broadcast(metrics, src=0).tolist()
-        self.last_metrics = {self.log_name(k): v for k, v in zip(names, metrics, strict=True)}
+        self.last_metrics = {self.log_name(k, ema): v for k, v in zip(names, metrics, strict=True)}
         return self.last_metrics
 
-    def save_grid(self, images: np.ndarray, step: int) -> None:
+    def save_grid(self, images: np.ndarray, step: int, suffix: str = "") -> None:
         if self.dirpath is None:
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
         first = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 255
-        save_image(make_grid(first, nrow=8, padding=1, pad_value=1.0), self.dirpath / f"fid_step_{step:07d}.png")
+        path = self.dirpath / f"fid_step_{step:07d}{suffix}.png"
+        save_image(make_grid(first, nrow=8, padding=1, pad_value=1.0), path)
 
 
 class OutlierMonitor(EveryNSteps):

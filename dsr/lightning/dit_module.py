@@ -1,12 +1,18 @@
 """Stage 2: flow-matching training of a diffusion transformer on the latents of a frozen encoder.
 
 The module owns the encoder (images -> latents), the backbone (built for the encoder's latent shape),
-its EMA copy, the transport (noise path, time distribution, loss) and the sampler (ODE/SDE solver plus
-classifier-free guidance). Sampling always uses the EMA weights unless asked otherwise.
+its EMA copies (one per decay of `ema_decays`), the transport (noise path, time distribution, loss) and the sampler
+(ODE/SDE solver, guidance: classifier-free or AutoGuidance, precision). Sampling uses the first EMA unless asked
+otherwise (`ema=<decay>`, or `ema="none"` for the raw weights).
+
+The sampler's time shift and grid end come from the transport the model was trained with; a sampler that sets its own
+(`sampler.shift`, `sampler.solver.t_end`) is allowed and warned about, naming both values (`use_sampler`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +26,16 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from dsr.config import rename_keys
-from dsr.diffusion.guidance import ClassifierFreeGuidance
+from dsr.diffusion.guidance import AutoGuidance, ClassifierFreeGuidance, Guide
+from dsr.diffusion.samplers import sampling_autocast
 from dsr.diffusion.transport import Transport
 from dsr.encoders.base import LatentCodec
-from dsr.lightning.training import ema_copy, steps_per_epoch
+from dsr.lightning.training import EMAs, steps_per_epoch
 from dsr.utils.files import load_tensors
 from dsr.utils.frozen import drop_frozen, fill_frozen
 from dsr.utils.seeding import step_generator
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,26 +71,32 @@ class DiTModule(L.LightningModule):
         encoder: LatentCodec,
         transport: Transport,
         solver: Any,
-        guidance: ClassifierFreeGuidance,
+        guidance: ClassifierFreeGuidance | AutoGuidance,
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
         lr_schedule: LRSchedule | dict | None = None,
         ema_decay: float = 0.9999,
+        ema_decays: Sequence[float] | None = None,
         seed: int = 0,
+        sampling_precision: str = "fp32",
+        sampling_shift: float | None = None,
     ) -> None:
-        """`backbone` is a factory taking `in_channels` and `input_size`, so the backbone is sized by the encoder."""
+        """`backbone` is a factory taking `in_channels` and `input_size`, so the backbone is sized by the encoder.
+        `ema_decays` keeps one EMA per decay (the first is the one sampling uses by default); None keeps one, with
+        `ema_decay`."""
         super().__init__()
         self.encoder = encoder
         self.latent_shape: tuple[int, int, int] = tuple(encoder.latent_shape)
         channels, height, width = self.latent_shape
         self.backbone = backbone(in_channels=channels, input_size=(height, width))
-        self.ema = ema_copy(self.backbone, ema_decay)
+        self.ema = EMAs(self.backbone, [ema_decay] if ema_decays is None else list(ema_decays))
         self.transport = transport
-        self.solver = solver
-        self.guidance = guidance
         self.optimizer_factory = optimizer
         self.lr_schedule = LRSchedule(**lr_schedule) if isinstance(lr_schedule, dict) else lr_schedule or LRSchedule()
-        self.ema_decay = ema_decay
         self.seed = seed
+        self.solver = solver
+        self.guidance = guidance
+        self.sampling_precision = sampling_precision
+        self.sampling_shift = sampling_shift
         self.run_config: dict | None = None  # the resolved Hydra config, stored in every checkpoint
         self.yields_latents = False  # batches hold raw latents, not images (the datamodule says so at setup)
 
@@ -108,6 +123,8 @@ class DiTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.yields_latents = getattr(self.trainer.datamodule, "yields_latents", self.yields_latents)
+        # At start-up: a guide that cannot be loaded or does not fit fails here, not at the first evaluation.
+        self.use_sampler(self.solver, self.guidance, self.sampling_precision, self.sampling_shift)
 
     def latents(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Normalised latents [B, C, h, w] and labels [B] of a batch `(x, y)`: x holds images, encoded here, or (with
@@ -133,7 +150,7 @@ class DiTModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.ema.update_parameters(self.backbone)
+        self.ema.update(self.backbone)
 
     def configure_optimizers(self) -> dict:
         optimizer = self.optimizer_factory([p for p in self.backbone.parameters() if p.requires_grad])
@@ -151,8 +168,42 @@ class DiTModule(L.LightningModule):
     # sampling
     # ---------------------------------------------------------------------------------------------------
 
-    def sampling_model(self, use_ema: bool = True) -> nn.Module:
-        return self.ema.module if use_ema else self.backbone
+    @property
+    def ema_decays(self) -> tuple[float, ...]:
+        return self.ema.decays
+
+    def sampling_model(self, ema: float | str = "auto") -> nn.Module:
+        """The weights sampling uses: "auto" the first EMA, a decay that EMA, "none" the raw training weights."""
+        return select_weights(self.backbone, self.ema, ema)
+
+    def use_sampler(
+        self,
+        solver: Any,
+        guidance: ClassifierFreeGuidance | AutoGuidance,
+        precision: str = "fp32",
+        shift: float | None = None,
+    ) -> None:
+        """Sample with this solver, guidance, precision ("fp32", "bf16") and time shift (None: the training one).
+
+        A shift or a grid end (`solver.t_end`) that differs from the transport's is used as asked, with a warning
+        naming both values. An AutoGuidance guide is loaded here (if not already) and refused if it does not fit.
+        """
+        sampling_autocast(precision, self.device)  # an unknown precision fails here
+        trained_shift = self.transport.shift_for(self.latent_shape)
+        if shift is not None and not math.isclose(float(shift), trained_shift, rel_tol=1e-9):
+            log.warning("sampler.shift=%g differs from the time shift the model was trained with (%g)", shift,
+                        trained_shift)  # fmt: skip
+        own_end = getattr(solver, "t_end", None)
+        if getattr(solver, "takes_transport_end", False) and own_end is not None:
+            if not math.isclose(float(own_end), self.transport.sample_t_end, abs_tol=1e-12):
+                log.warning(
+                    "sampler.solver.t_end=%g differs from the end of the training interval (1 - transport.t_max = %g)",
+                    own_end, self.transport.sample_t_end,
+                )  # fmt: skip
+        if isinstance(guidance, AutoGuidance) and guidance.guide is None:
+            guidance.attach(load_guide(guidance.guide_ckpt, guidance.guide_ema, self))
+        self.solver, self.guidance = solver, guidance
+        self.sampling_precision, self.sampling_shift = precision, shift
 
     @torch.no_grad()
     def sample(
@@ -160,23 +211,26 @@ class DiTModule(L.LightningModule):
         y: Tensor,
         noise: Tensor | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
-        use_ema: bool = True,
+        ema: float | str = "auto",
         progress: bool = False,
     ) -> Tensor:
         """Class labels y [B] -> images [B, 3, H, W] in [0, 1], through the sampler and the encoder's decoder.
 
-        `generator` may be one generator per row (a stochastic sampler then draws each row's noise from its own)."""
+        `ema` picks the weights (`sampling_model`). `generator` may be one generator per row (a stochastic sampler
+        then draws each row's noise from its own). The network runs under `sampling_precision`; the integration
+        state stays float32."""
         if noise is None:
             if not isinstance(generator, torch.Generator | None):
                 raise ValueError("pass `noise` explicitly when giving one generator per row")
             noise = torch.randn((len(y), *self.latent_shape), generator=generator, device=self.device)
-        model = self.sampling_model(use_ema)
+        model = self.sampling_model(ema)
         velocity_fn = self.guidance.velocity_fn(model, y.to(self.device), model.null_class, self.transport)
-        shift = self.transport.shift_for(self.latent_shape)
-        z = self.solver.integrate(
-            velocity_fn, noise, shift, generator=generator, progress=progress, t_end=self.transport.sample_t_end
-        )
-        return self.encoder.decode(z).clamp(0, 1)
+        shift = self.transport.shift_for(self.latent_shape) if self.sampling_shift is None else self.sampling_shift
+        with sampling_autocast(self.sampling_precision, self.device):
+            z = self.solver.integrate(
+                velocity_fn, noise, shift, generator=generator, progress=progress, t_end=self.transport.sample_t_end
+            )
+        return self.encoder.decode(z.float()).clamp(0, 1)
 
     # ---------------------------------------------------------------------------------------------------
     # checkpoints
@@ -185,9 +239,18 @@ class DiTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen encoder and decoder reload from their own files; the latent statistics stay (buffers).
         checkpoint["state_dict"] = drop_frozen(self, checkpoint["state_dict"])
-        checkpoint["dsr"] = {"config": self.run_config, "latent_shape": list(self.latent_shape)}
+        checkpoint["dsr"] = {
+            "config": self.run_config,
+            "latent_shape": list(self.latent_shape),
+            "ema_decays": list(self.ema.decays),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before the weights load (a resume): averages stored for other decays are refused with both lists.
+        self.ema.check_decays(checkpoint.get("dsr", {}).get("ema_decays"))
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        state_dict = EMAs.upgrade_state_dict(state_dict, "ema.", self.ema.decays)  # a checkpoint with one EMA
         return super().load_state_dict(fill_frozen(self, state_dict), strict=strict, assign=assign)
 
     @classmethod
@@ -201,6 +264,87 @@ class DiTModule(L.LightningModule):
         if "stats" in build.module.encoder:
             build.module.encoder.stats = None  # the statistics are in the checkpoint; the file may have moved
         module = instantiate(build.module)
+        module.ema.check_decays(checkpoint.get("dsr", {}).get("ema_decays"), str(path))
         module.load_state_dict(checkpoint["state_dict"])
         module.run_config = config
         return module.eval()
+
+
+# -------------------------------------------------------------------------------------------------------
+# weights and guides
+# -------------------------------------------------------------------------------------------------------
+
+
+def select_weights(raw: nn.Module, emas: EMAs, ema: float | str = "auto") -> nn.Module:
+    """`raw` for ema="none", the first EMA for "auto", else the EMA of that decay (an error listing the decays)."""
+    if isinstance(ema, str):
+        if ema == "none":
+            return raw
+        if ema == "auto":
+            return emas.module
+        try:
+            ema = float(ema)
+        except ValueError:
+            raise ValueError(f"ema={ema!r}: choose auto (the first EMA), none (the raw weights) or a decay") from None
+    if isinstance(ema, bool):  # the older use_ema flag
+        return emas.module if ema else raw
+    return emas.select(float(ema))
+
+
+def _latent_identity(config: Mapping) -> dict:
+    """What in a stored run config fixes the latent space: the encoder's settings, without the paths of files that
+    only reload it (statistics, decoder) and the decoder, which does not change the latents."""
+    encoder = dict(config["module"]["encoder"])
+    for key in ("stats", "decoder", "decoder_weights", "freeze_decoder", "precision"):
+        encoder.pop(key, None)
+    return encoder
+
+
+def load_guide(path: str | Path, ema: float | str, main: DiTModule) -> Guide:
+    """The AutoGuidance guide of `main`: the backbone of the dsr checkpoint at `path` (a training checkpoint or a
+    `dsr.convert` file) with the weights `ema` selects, and its transport, which turns its output into a velocity.
+
+    Refused with a message naming the difference when its latent space is not `main`'s: the latent shape, the
+    encoder, the latent statistics or the time shift. Its prediction type may differ. Only the backbone is built
+    (the guide's encoder and decoder would duplicate `main`'s)."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"sampler.guidance.guide_ckpt={path}: no checkpoint there")
+    checkpoint = load_tensors(path, "sampler.guidance.guide_ckpt")
+    stored = checkpoint.get("dsr", {})
+    if stored.get("config") is None:
+        raise ValueError(f"sampler.guidance.guide_ckpt={path} holds no dsr config: convert it with dsr.convert stage2")
+    config = OmegaConf.to_container(rename_keys("train", OmegaConf.create(stored["config"]), warn=False))
+    where = f"sampler.guidance.guide_ckpt={path}"
+    shape = tuple(stored.get("latent_shape", ()))
+    if shape != tuple(main.latent_shape):
+        raise ValueError(
+            f"{where}: the guide's latent shape {list(shape)} is not the model's {list(main.latent_shape)}"
+        )
+    if main.run_config is not None:
+        ours, theirs = _latent_identity(main.run_config), _latent_identity(config)
+        differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if differ:
+            changes = "; ".join(f"encoder.{k}: guide {theirs.get(k)!r}, model {ours.get(k)!r}" for k in differ)
+            raise ValueError(f"{where}: the guide was trained on another encoder ({changes})")
+    state = checkpoint["state_dict"]
+    for key, value in main.state_dict().items():
+        if key.startswith("encoder.") and key.rsplit(".", 1)[-1] in ("latent_mean", "latent_var") and key in state:
+            if state[key].shape != value.shape or not torch.allclose(state[key].to(value), value, rtol=1e-6, atol=0):
+                raise ValueError(f"{where}: the guide's latent statistics ({key}) are not the model's")
+    transport = instantiate(config["module"]["transport"])
+    guide_shift, shift = transport.shift_for(shape), main.transport.shift_for(main.latent_shape)
+    if not math.isclose(guide_shift, shift, rel_tol=1e-9):
+        raise ValueError(f"{where}: the guide was trained with time shift {guide_shift:g}, the model with {shift:g}")
+    channels, height, width = shape
+    backbone = instantiate(config["module"]["backbone"])(in_channels=channels, input_size=(height, width))
+    module_config = config["module"]
+    decays = module_config.get("ema_decays") or [module_config.get("ema_decay", 0.9999)]
+    emas = EMAs(backbone, stored.get("ema_decays") or decays)
+    holder = nn.ModuleDict({"backbone": backbone, "ema": emas})
+    upgraded = EMAs.upgrade_state_dict(state, "ema.", decays)
+    weights = {k: v for k, v in upgraded.items() if k.startswith(("backbone.", "ema."))}
+    holder.load_state_dict(weights)
+    model = select_weights(backbone, emas, ema).eval().requires_grad_(False)
+    log.info("AutoGuidance guide: %s (%s weights, %s-prediction)", path, ema, transport.prediction)
+    return Guide(model=model, transport=transport)

@@ -125,6 +125,51 @@ def throughput(
     }
 
 
+def guidance_sampling_speed(
+    name: str, latent: tuple[int, int, int], batch: int, device: torch.device, bf16: bool, repeats: int = 3
+) -> dict:
+    """Seconds of a 50-point Euler sample: unguided, CFG on the whole grid (the doubled batch at every step), CFG
+    inside t in [0.1, 1] (the unconditional half skipped on the steps below 0.1), and AutoGuidance with a guide as
+    large as the model (one forward of each per step: CFG's cost, without the null labels)."""
+    from dsr.diffusion.guidance import AutoGuidance, Guide
+    from dsr.diffusion.samplers import time_grid
+
+    factory, _ = backbone_factory(name)
+    torch.manual_seed(0)
+    model = factory(in_channels=latent[0], input_size=latent[1:], num_classes=1000).to(device).eval()
+    guide = factory(in_channels=latent[0], input_size=latent[1:], num_classes=1000).to(device).eval()
+    transport = Transport(prediction="x")
+    shift = transport.shift_for(latent)
+    solver = ODESampler("euler", num_steps=50)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    noise = torch.randn(batch, *latent, device=device)
+    autoguidance = AutoGuidance("-", scale=1.5)
+    autoguidance.attach(Guide(guide, transport))
+    variants = {
+        "unguided": ClassifierFreeGuidance(scale=1.0),
+        "cfg_whole_grid": ClassifierFreeGuidance(scale=1.5),
+        "cfg_interval_0.1_1": ClassifierFreeGuidance(scale=1.5, t_min=0.1),
+        "autoguidance": autoguidance,
+    }
+    seconds = {}
+    for key, guidance in variants.items():
+
+        @torch.no_grad()
+        def sample(guidance=guidance):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                fn = guidance.velocity_fn(model, y, model.null_class, transport)
+                solver.integrate(fn, noise, shift, t_end=transport.sample_t_end)
+
+        seconds[key] = timed(sample, repeats, device)
+    steps = time_grid(50, shift, transport.sample_t_end)[:-1]
+    return {
+        "backbone": name, "latent": list(latent), "batch": batch, "bf16": bf16, "shift": shift,
+        "steps_below_0.1": int((steps < 0.1).sum()), "steps": len(steps),
+        "seconds": seconds,
+        "speedup_interval_vs_whole_grid": seconds["cfg_whole_grid"] / seconds["cfg_interval_0.1_1"],
+    }  # fmt: skip
+
+
 # Random-init encoders with each family's tiny test config and the released checkpoints' real sizes.
 ENCODERS = {
     "tiny siglip": (SigLIP2, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -177,6 +222,7 @@ def main() -> None:
         "sizes": size_table(),
         "plugged_registers": plugged_registers_overhead(),
         "throughput": [throughput(b, latent, batch, args.steps, device, bf16=on_gpu) for b in backbones],
+        "guidance": [guidance_sampling_speed(b, latent, batch, device, bf16=on_gpu) for b in backbones],
         "encoders": [
             encoder_throughput(name, 256 if name.startswith("tiny") or on_gpu else 4, 3, device) for name in ENCODERS
         ],
@@ -203,6 +249,13 @@ def main() -> None:
         print(
             f"{row['backbone']:10} {str(tuple(row['latent'])):>14} {row['batch']:6d} {row['train_img_per_s']:12.1f} "
             f"{row['sample_img_per_s']:30.2f}"
+        )
+    print(f"\n{'backbone':10} {'unguided s':>11} {'CFG s':>8} {'CFG [0.1,1] s':>14} {'AutoGuidance s':>15}")
+    for row in results["guidance"]:
+        t = row["seconds"]
+        print(
+            f"{row['backbone']:10} {t['unguided']:11.3f} {t['cfg_whole_grid']:8.3f} {t['cfg_interval_0.1_1']:14.3f} "
+            f"{t['autoguidance']:15.3f}  ({row['steps_below_0.1']} of {row['steps']} steps below t = 0.1)"
         )
     print(f"\n{'encoder':16} {'latent':>16} {'batch':>6} {'bf16':>5} {'img/s':>9}")
     for row in results["encoders"]:

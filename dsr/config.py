@@ -109,9 +109,10 @@ RENAMED_KEYS: dict[str, dict[str, str]] = {
     "sample": {"out_dir": "output", "use_ema": "ema", "precision": "sampler.precision"},
     "evaluate": {"out": "output", "device": "accelerator"},
 }
-# Old values -> current ones: encoder precisions in Lightning's names (as trainer.precision spells them), sample's ema.
+# Old values -> current ones: precisions in Lightning's names (as trainer.precision spells them), sample's ema.
 RENAMED_VALUES: dict[str, dict[str, str]] = {
     "encoder.precision": {"bf16": "bf16-mixed", "fp32": "32-true"},
+    "sampler.precision": {"bf16": "bf16-mixed", "fp32": "32-true"},
     "ema": {"true": "auto", "false": "none"},  # sample's use_ema=true / false
 }
 _OVERRIDE = re.compile(r"^(?P<prefix>~|\+\+|\+)?(?P<key>[A-Za-z_][\w.]*)(?P<rest>(=.*)?)$", re.DOTALL)

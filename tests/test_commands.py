@@ -83,7 +83,11 @@ def test_help_shows_the_commands_own_usage_groups_and_settings(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dsr.sample", "--help"], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=120).stdout  # fmt: skip
     assert out.startswith("Sample generation for evaluation: class-balanced")
-    assert "  sampler: euler, heun, sde" in out and "ckpt: ???" in out
+    assert (
+        "  sampler: dopri5, euler, heun, sde" in out
+        and "  sampler/guidance: autoguidance, cfg" in out
+        and "ckpt: ???" in out
+    )
     assert "encoder:" not in out and "powered by Hydra" not in out
 
 
@@ -126,7 +130,7 @@ def test_an_override_hydra_cannot_compose_is_one_line_and_exit_status_2(tmp_path
     assert result.returncode == 2
     assert result.stderr == (
         "error: In 'sample': Could not find 'sampler/nope' Available options in 'sampler': "
-        "euler heun sde sit_ode sit_sde\n"
+        "dopri5 euler heun sde sit_ode sit_sde\n"
     )
 
 
@@ -157,7 +161,7 @@ OLD_KEYS = [
     ("analyze", [], "analyze.device", "cpu", "accelerator"),
     ("sample", ["ckpt=x.ckpt"], "out_dir", "elsewhere", "output"),
     ("sample", ["ckpt=x.ckpt"], "use_ema", "0.9996", "ema"),
-    ("sample", ["ckpt=x.ckpt"], "precision", "bf16", "sampler.precision"),
+    ("sample", ["ckpt=x.ckpt"], "precision", "bf16-mixed", "sampler.precision"),
     ("evaluate", ["samples=a.npz", "reference=b.npz"], "out", "m.json", "output"),
     ("evaluate", ["samples=a.npz", "reference=b.npz"], "device", "cpu", "accelerator"),
 ]
@@ -213,6 +217,9 @@ def test_an_old_value_spelling_on_the_command_line_is_renamed():
     with pytest.warns(DeprecatedName, match="^ema=false is deprecated: use ema=none"):
         cfg = compose("sample", ["ckpt=x.ckpt", "use_ema=false"])
     assert cfg.ema == "none" and "use_ema" not in cfg
+    with pytest.warns(DeprecatedName, match="^sampler.precision=bf16 is deprecated: use sampler.precision=bf16-mixed"):
+        cfg = compose("sample", ["ckpt=x.ckpt", "sampler.precision=bf16"])
+    assert cfg.sampler.precision == "bf16-mixed"
 
 
 def test_a_checkpoint_storing_old_spellings_loads_silently_as_it_was(tmp_path):

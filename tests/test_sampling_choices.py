@@ -211,6 +211,7 @@ def test_a_converted_release_dit_dh_guide_guides_a_dsr_model(run_dir, tmp_path):
     assert images.shape == (3, 3, 16, 16) and torch.isfinite(images).all()
 
 
+@pytest.mark.slow
 def test_the_fid_callback_scores_each_ema_under_its_decay(run_train, inception_weights, tmp_path):
     from hydra.utils import instantiate
 
@@ -239,9 +240,9 @@ def test_bf16_sampling_stays_close_to_fp32(run_dir):
     module = DiTModule.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     y = torch.arange(8) % 4
     noise = torch.randn(8, *module.latent_shape, generator=torch.Generator().manual_seed(1))
-    module.use_sampler(module.solver, module.guidance, "fp32")
+    module.use_sampler(module.solver, module.guidance, "32-true")
     full = module.sample(y, noise=noise)
-    module.use_sampler(module.solver, module.guidance, "bf16")
+    module.use_sampler(module.solver, module.guidance, "bf16-mixed")
     half = module.sample(y, noise=noise)
     difference = (half - full).abs()
     assert half.dtype == torch.float32 and 0 < difference.max() < 0.05 and difference.mean() < 0.01  # images in [0, 1]
@@ -268,3 +269,56 @@ def test_a_sampler_that_overrides_the_training_transport_is_warned_about(run_dir
     shifted = module.sample(y, noise=noise)  # the override is used
     module.use_sampler(ODESampler(t_end=0.01), module.guidance)
     assert not torch.equal(shifted, module.sample(y, noise=noise))
+
+
+def _backbones():
+    from helpers import DDT_TINY
+
+    from dsr.models.ddt import DiTDH
+    from dsr.models.dit import LightningDiT
+    from dsr.models.sit import SiT
+
+    small = dict(input_size=4, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+    return {
+        "lightningdit": lambda: LightningDiT(**small, num_registers=2, register_start=1),
+        "dit_dh": lambda: DiTDH(**DDT_TINY, num_registers=2),
+        "sit": lambda: SiT(**small, num_registers=2, register_start=1),
+    }
+
+
+@pytest.mark.parametrize("name", ["lightningdit", "dit_dh", "sit"])
+def test_autoguidance_on_every_backbone(name):
+    from dsr.diffusion.guidance import AutoGuidance, Guide
+    from dsr.diffusion.transport import Transport
+
+    torch.manual_seed(0)
+    main = _backbones()[name]().eval()
+    for p in main.parameters():  # zero-initialised output layers would make every velocity equal
+        p.data.add_(0.05 * torch.randn_like(p))
+    weaker = copy.deepcopy(main)
+    for p in weaker.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    transport = Transport(prediction="velocity")
+    x, t, y = torch.randn(3, 3, 4, 4), torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0, 1, 4])
+    with torch.no_grad():
+        v_main = main(x, t, y)
+        same = AutoGuidance("-", scale=2.0)
+        same.attach(Guide(copy.deepcopy(main), transport))
+        assert torch.equal(same.velocity_fn(main, y, 5, transport)(x, t), v_main)
+        guided = AutoGuidance("-", scale=2.0, t_max=0.6)
+        guided.attach(Guide(weaker, transport))
+        v = guided.velocity_fn(main, y, 5, transport)(x, t)
+        v_guide = weaker(x[:2], t[:2], y[:2])
+    torch.testing.assert_close(v[:2], v_guide + 2.0 * (v_main[:2] - v_guide))
+    assert torch.equal(v[2], v_main[2])  # t = 0.9 lies outside [0, 0.6]
+
+
+def test_training_samples_with_autoguidance_and_refuses_a_bad_guide_at_start_up(run_dir, run_train, tmp_path):
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    guided = ["sampler/guidance=autoguidance", f"sampler.guidance.guide_ckpt={ckpt}", "sampler.guidance.scale=2.0",
+              "trainer.max_steps=1"]  # fmt: skip
+    _, run = run_train([*TINY_RUN, *guided], name="guided")
+    assert (run / "samples" / "final.png").is_file()  # the end-of-training grid, sampled with the guide
+    with pytest.raises(FileNotFoundError, match="sampler.guidance.guide_ckpt"):
+        run_train([*TINY_RUN, *guided[:1], f"sampler.guidance.guide_ckpt={tmp_path / 'none.ckpt'}"], name="bad")
+    assert not (tmp_path / "bad" / "checkpoints").exists()

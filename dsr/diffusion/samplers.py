@@ -30,13 +30,14 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]
 ODE_METHODS = ("euler", "heun")
 SDE_LAST_STEPS = ("ode", "mean")
 ADAPTIVE_METHODS = ("dopri5", "bosh3", "adaptive_heun", "dopri8", "fehlberg2")  # torchdiffeq's adaptive solvers
-# sampler.precision: the network's forward under autocast (bf16 for speed); the integration state stays float32.
-# fp32 is the default for paper numbers: RAE recommends fp32 sampling at low FID (a bf16 run read 1.26 for 1.13).
-SAMPLING_PRECISIONS = {"fp32": None, "32-true": None, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}
+# sampler.precision, in Lightning's names: the network's forward under bf16 autocast ("bf16-mixed", for speed) or in
+# float32 ("32-true"); the integration state stays float32. 32-true is the default for paper numbers: RAE recommends
+# fp32 sampling at low FID (a bf16 reproduction read 1.26 for 1.13).
+SAMPLING_PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16}
 
 
 def sampling_autocast(precision: str, device: torch.device | str) -> AbstractContextManager:
-    """The context the sampler's network runs in: nothing for fp32, bf16 autocast on `device` for bf16."""
+    """The context the sampler's network runs in: nothing for 32-true, bf16 autocast on `device` for bf16-mixed."""
     if precision not in SAMPLING_PRECISIONS:
         raise ValueError(f"sampler.precision={precision!r}: choose one of {tuple(SAMPLING_PRECISIONS)}")
     dtype = SAMPLING_PRECISIONS[precision]

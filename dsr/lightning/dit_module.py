@@ -77,7 +77,7 @@ class DiTModule(L.LightningModule):
         ema_decay: float = 0.9999,
         ema_decays: Sequence[float] | None = None,
         seed: int = 0,
-        sampling_precision: str = "fp32",
+        sampling_precision: str = "32-true",
         sampling_shift: float | None = None,
     ) -> None:
         """`backbone` is a factory taking `in_channels` and `input_size`, so the backbone is sized by the encoder.
@@ -180,10 +180,11 @@ class DiTModule(L.LightningModule):
         self,
         solver: Any,
         guidance: ClassifierFreeGuidance | AutoGuidance,
-        precision: str = "fp32",
+        precision: str = "32-true",
         shift: float | None = None,
     ) -> None:
-        """Sample with this solver, guidance, precision ("fp32", "bf16") and time shift (None: the training one).
+        """Sample with this solver, guidance, precision ("32-true", "bf16-mixed") and time shift (None: the training
+        one).
 
         A shift or a grid end (`solver.t_end`) that differs from the transport's is used as asked, with a warning
         naming both values. An AutoGuidance guide is loaded here (if not already) and refused if it does not fit.

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,45 @@ def resolved_config(cfg: DictConfig) -> dict:
         for key in cfg
         if key != "hydra"
     }
+
+
+# What may change when a run resumes: how long it runs, where and with what it logs, how it is spread over devices (the
+# global batch stays: it is in `data`), its callbacks' cadence, how it samples for monitoring, and where files live.
+# Everything else defines the experiment (backbone, encoder, registers, transport, loss, data and batch, the recipe's
+# optimizer, schedule, EMA, clipping and precision, the seed) and is refused unless resume=force.
+SAFE_ON_RESUME = (
+    "trainer.max_steps", "trainer.max_epochs", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+    "trainer.accelerator", "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.default_root_dir",
+    "trainer.num_sanity_val_steps", "trainer.benchmark", "trainer.deterministic", "logger", "callbacks", "cluster",
+    "cluster_environment", "paths", "name", "sweep_name", "resume", "init_from", "evaluation", "sampler", "compile",
+    "matmul_precision", "data.num_workers", "data.micro_batch_size", "module.solver", "module.guidance",
+    "module.sampling_precision", "module.sampling_shift", "experiment",
+)  # fmt: skip
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping) and node:
+        out = {}
+        for key, value in node.items():
+            out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def resume_changes(stored: Mapping, current: Mapping) -> tuple[list[str], list[str]]:
+    """The settings a resumed run changes against the config its checkpoint stores, as `key: old -> new` lines:
+    (refused, allowed) by `SAFE_ON_RESUME`. Keys the stored config lacks (settings added since it was written) count
+    as unchanged; stored settings spelled the old way are renamed first."""
+    stored = OmegaConf.to_container(rename_keys("train", OmegaConf.create(dict(stored)), warn=False), resolve=False)
+    old, new = _leaves(stored), _leaves(dict(current))
+    refused, allowed = [], []
+    for key in sorted(k for k in old.keys() & new.keys() if old[k] != new[k]):
+        line = f"{key}: {old[key]!r} -> {new[key]!r}"
+        safe = any(key == p or key.startswith(f"{p}.") for p in SAFE_ON_RESUME)
+        (allowed if safe else refused).append(line)
+    # A setting the code no longer has: nothing can be configured differently, so the run resumes (and says so).
+    allowed += [f"{key}: {old[key]!r} -> (no longer a setting)" for key in sorted(old.keys() - new.keys())]
+    return refused, allowed
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dsr.config import build, entry_point, resolved_config
+from dsr.config import build, entry_point, resolved_config, resume_changes
 from dsr.lightning.callbacks import FIDEvaluation
 from dsr.lightning.checkpoint_io import AtomicCheckpointIO
 from dsr.lightning.preflight import check_prerequisites
@@ -44,6 +44,35 @@ def resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
     return last if last.exists() else previous if previous.exists() else None
 
 
+def stored_config(ckpt: Path) -> dict | None:
+    """The run config a checkpoint stores (None for one without): `last.ckpt`, or a sharded checkpoint's `meta.pt`,
+    whose tensors are mapped, not read."""
+    path = ckpt / "meta.pt" if ckpt.is_dir() else ckpt
+    if not path.is_file():
+        return None
+    return (load_tensors(path, "resume", mmap=not ckpt.is_dir()).get("dsr") or {}).get("config")
+
+
+def check_resume(ckpt: Path, cfg: DictConfig) -> None:
+    """Refuse to resume `ckpt` with settings that define another experiment (a diff of them; resume=force overrides);
+    log the safe changes (step budget, loggers, devices, callbacks' cadence)."""
+    stored = stored_config(ckpt)
+    if stored is None:
+        return
+    refused, allowed = resume_changes(stored, resolved_config(cfg))
+    for line in allowed:
+        log.info("resuming with a changed setting: %s", line)
+    if refused and str(cfg.resume) != "force":
+        raise ValueError(
+            f"{ckpt} was written by a run with other settings, which resuming would silently change:\n  "
+            + "\n  ".join(refused)
+            + "\nrun the same settings to resume, resume=force to resume with these anyway, or start a new run from "
+            "its weights with init_from=<that checkpoint> and another name="
+        )
+    for line in refused:
+        log.warning("resume=force: resuming with a changed setting: %s", line)
+
+
 def initialize_from(module: L.LightningModule, path: str | Path) -> None:
     """Load a checkpoint's weights (strictly: every trained key must match) into a fresh module; the optimizer,
     schedule and step count start anew."""
@@ -56,6 +85,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured stage; return the final logged metrics."""
     run_dir = Path(cfg.paths.run_dir)
     check_prerequisites(cfg)  # every missing file named at once, before anything heavy is built
+    ckpt_path = resume_checkpoint(run_dir, cfg.resume)
+    if ckpt_path is not None:
+        check_resume(ckpt_path, cfg)  # before anything is built: a changed experiment is refused at once
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -110,7 +142,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": module.run_config, "model": model_info})
 
-    ckpt_path = resume_checkpoint(run_dir, cfg.resume)
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
     elif cfg.get("init_from"):

@@ -141,3 +141,32 @@ def test_a_resume_never_runs_code_from_the_checkpoint(run_train, tmp_path):
     with pytest.raises(ValueError, match=r"resume=.*last.ckpt holds Python objects other than tensors"):
         run_train([*TINY_RUN, "trainer.max_steps=4", "callbacks.sample_grid.every_n_steps=0"])
     assert not marker.exists()
+
+
+def test_a_resume_refuses_a_changed_experiment_and_allows_a_longer_run(run_train, caplog):
+    common = [*TINY_RUN, "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0"]
+    _, run_dir = run_train(common, name="run")
+    with pytest.raises(ValueError, match="resume=force") as refused:
+        run_train([*common, "transport.logit_mean=0.5", "module.optimizer.lr=0.5"], name="run")
+    message = str(refused.value)
+    assert "transport.logit_mean: 0.0 -> 0.5" in message and "module.optimizer.lr: 0.001 -> 0.5" in message
+    assert "module.transport.logit_mean: 0.0 -> 0.5" in message  # the module's copy of the node too
+    assert last_checkpoint(run_dir)["global_step"] == 2  # nothing was touched
+
+    with caplog.at_level("INFO", logger="dsr.train"):
+        run_train([*TINY_RUN, "trainer.max_steps=3", "callbacks.sample_grid.every_n_steps=0"], name="run")
+    assert "resuming with a changed setting: trainer.max_steps: 2 -> 3" in caplog.text
+    assert last_checkpoint(run_dir)["global_step"] == 3
+
+    # A checkpoint written before a setting existed resumes: the missing key counts as unchanged.
+    checkpoint = last_checkpoint(run_dir)
+    del checkpoint["dsr"]["config"]["module"]["ema_decays"]
+    torch.save(checkpoint, run_dir / "checkpoints" / "last.ckpt")
+    run_train([*TINY_RUN, "trainer.max_steps=4", "callbacks.sample_grid.every_n_steps=0"], name="run")
+    assert last_checkpoint(run_dir)["global_step"] == 4
+    # resume=force takes the changed experiment, with a warning per change.
+    with caplog.at_level("WARNING", logger="dsr.train"):
+        run_train([*TINY_RUN, "trainer.max_steps=5", "callbacks.sample_grid.every_n_steps=0", "resume=force",
+                   "transport.logit_mean=0.5"], name="run")  # fmt: skip
+    assert "resume=force: resuming with a changed setting: transport.logit_mean: 0.0 -> 0.5" in caplog.text
+    assert last_checkpoint(run_dir)["global_step"] == 5

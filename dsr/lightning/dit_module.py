@@ -296,7 +296,7 @@ def _latent_identity(config: Mapping) -> dict:
     """What in a stored run config fixes the latent space: the encoder's settings, without the paths of files that
     only reload it (statistics, decoder) and the decoder, which does not change the latents."""
     encoder = dict(config["module"]["encoder"])
-    for key in ("stats", "decoder", "decoder_weights", "freeze_decoder", "precision"):
+    for key in ("stats", "decoder", "decoder_weights", "freeze_decoder", "precision", "local_files_only"):
         encoder.pop(key, None)
     return encoder
 

@@ -10,17 +10,18 @@ from pathlib import Path
 from typing import IO
 
 
-def load_tensors(path: str | Path, setting: str, map_location: str | object = "cpu") -> object:
+def load_tensors(path: str | Path, setting: str, map_location: str | object = "cpu", mmap: bool = False) -> object:
     """`torch.load` of a file a user may have been handed (a checkpoint, statistics, weights) without running code:
     `weights_only=True` accepts tensors, numbers, strings, None and lists / tuples / dicts of them, which is all
     that dsr's own files and Lightning's checkpoints hold. A file with anything else fails with one line naming
-    `setting`, the file and the reason, before any of it is unpickled into objects."""
+    `setting`, the file and the reason, before any of it is unpickled into objects. `mmap` maps the tensors instead of
+    reading them (to look at a large checkpoint's metadata)."""
     import pickle
 
     import torch
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         reason = str(error).split("\n")[0]
         raise ValueError(

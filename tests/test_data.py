@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -274,3 +275,71 @@ def test_imagenet_folder_missing_root_is_a_clear_error(tmp_path):
     (tmp_path / "no_images" / "n01").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="data.dataset.root"):
         imagenet_folder(str(tmp_path / "no_images"))
+
+
+def _odd_images(root):
+    """One class folder of images in every unusual form, two files that do not decode, and a non-image file."""
+    folder = root / "n01_odd"
+    folder.mkdir(parents=True)
+    red = (200, 30, 30)
+    Image.new("RGB", (20, 24), red).save(folder / "a_rgb.png")
+    Image.new("L", (20, 20), 90).save(folder / "b_grey.png")
+    Image.new("LA", (20, 20), (90, 255)).save(folder / "c_grey_alpha.png")
+    Image.new("RGB", (20, 20), red).convert("CMYK").save(folder / "d_cmyk.jpg", quality=100)
+    palette = Image.new("P", (20, 20), 1)
+    palette.putpalette([0, 0, 0, *red] + [0] * 762)
+    palette.save(folder / "e_palette.png", transparency=0)
+    Image.fromarray(np.full((20, 20), 90 * 257, dtype=np.uint16)).save(folder / "f_16bit.png")  # mode I;16
+    Image.new("RGB", (1, 1), red).save(folder / "g_one_pixel.png")
+    good = folder / "h_good.jpg"
+    Image.new("RGB", (64, 64), red).save(good, quality=100)
+    (folder / "i_truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
+    (folder / "j_not_an_image.jpg").write_text("a text file under an image's name\n")
+    (folder / "k_readme.txt").write_text("not an image extension: never listed\n")
+    Image.new("RGB", (20, 20), (30, 30, 200)).save(folder / "l_last.png")
+    return folder
+
+
+def test_imagenet_folder_converts_unusual_images_and_steps_over_unreadable_ones(tmp_path, caplog):
+    from torch.utils.data import DataLoader
+
+    _odd_images(tmp_path)
+    ds = imagenet_folder(str(tmp_path), image_size=16, flip=False)
+    names = [os.path.basename(p) for p, _ in ds.samples]
+    assert len(ds) == 11 and "k_readme.txt" not in names
+    red, grey, blue = (torch.tensor(c, dtype=torch.float32)[:, None, None] / 255 for c in ((200, 30, 30), (90,) * 3,
+                                                                                           (30, 30, 200)))  # fmt: skip
+    expected = {"a_rgb.png": red, "b_grey.png": grey, "c_grey_alpha.png": grey, "d_cmyk.jpg": red,
+                "e_palette.png": red, "f_16bit.png": grey, "g_one_pixel.png": red, "h_good.jpg": red,
+                "i_truncated.jpg": blue, "j_not_an_image.jpg": blue, "l_last.png": blue}  # fmt: skip
+    with caplog.at_level("WARNING", logger="dsr.data.imagefolder"):
+        for i, name in enumerate(names):
+            image, label = ds[i]
+            assert image.shape == (3, 16, 16) and label == 0
+            # Each unreadable file is replaced by the next readable one (l_last.png); JPEG quality moves a few levels.
+            torch.testing.assert_close(image, expected[name].expand(3, 16, 16), atol=6 / 255, rtol=0, msg=name)
+        ds[names.index("i_truncated.jpg")]  # drawn again: counted again, logged once
+    assert ds.skipped == 5  # failed decodes: i (then j, then l), j, and i again (then j)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and any("i_truncated.jpg" in w for w in warned)
+    assert any("j_not_an_image.jpg" in w for w in warned)
+    # Loader workers share the count.
+    fresh = imagenet_folder(str(tmp_path), image_size=16, flip=False)
+    batches = list(DataLoader(fresh, batch_size=4, num_workers=2))
+    assert sum(len(b[0]) for b in batches) == 11 and fresh.skipped == 3
+
+
+def test_the_skipped_images_callback_logs_the_count_once_per_epoch():
+    from types import SimpleNamespace
+
+    from dsr.lightning.callbacks import SkippedImages
+
+    logged = []
+    module = SimpleNamespace(log=lambda name, value, **kwargs: logged.append((name, value, kwargs["reduce_fx"])))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(dataset=SimpleNamespace(skipped=3)), is_global_zero=True,
+                              current_epoch=1)  # fmt: skip
+    SkippedImages().on_train_epoch_end(trainer, module)
+    assert logged == [("data/skipped_images", 3.0, "sum")]
+    trainer.datamodule.dataset = object()  # a dataset that does not count: nothing to log
+    SkippedImages().on_train_epoch_end(trainer, module)
+    assert len(logged) == 1

@@ -4,6 +4,7 @@ FID / Inception Score (and precision / recall) of EMA samples at regular steps."
 from __future__ import annotations
 
 import gc
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torchvision.utils import make_grid, save_image
+
+log = logging.getLogger(__name__)
 
 
 def sharded(trainer: L.Trainer) -> bool:
@@ -257,6 +260,22 @@ class FIDEvaluation(EveryNSteps):
         first = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 255
         path = self.dirpath / f"fid_step_{step:07d}{suffix}.png"
         save_image(make_grid(first, nrow=8, padding=1, pad_value=1.0), path)
+
+
+class SkippedImages(L.Callback):
+    """Once per training epoch: the number of training images that did not decode so far (a dataset with a `skipped`
+    count, e.g. `ImageTree`), logged as `data/skipped_images` and, when there are any, in one line of the log."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dataset = getattr(trainer.datamodule, "dataset", None) if trainer.datamodule is not None else None
+        count = getattr(dataset, "skipped", None)
+        if count is None:
+            return
+        if count and trainer.is_global_zero:
+            log.warning("epoch %d: %d unreadable training image(s) skipped so far on rank 0", trainer.current_epoch,
+                        count)  # fmt: skip
+        pl_module.log("data/skipped_images", float(count), on_step=False, on_epoch=True, sync_dist=True,
+                      reduce_fx="sum")  # fmt: skip
 
 
 class OutlierMonitor(EveryNSteps):

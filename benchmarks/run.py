@@ -170,6 +170,37 @@ def guidance_sampling_speed(
     }  # fmt: skip
 
 
+def nonfinite_guard_cost(
+    name: str, latent: tuple[int, int, int], batch: int, steps: int, device: torch.device, bf16: bool
+) -> dict:
+    """Seconds per training step (fused AdamW) without and with `NonFiniteGuard.check` between the backward and the
+    step: the per-block gradient norms and the on-device skip decision."""
+    from dsr.lightning.training import NonFiniteGuard
+
+    factory, _ = backbone_factory(name)
+    torch.manual_seed(0)
+    model = factory(in_channels=latent[0], input_size=latent[1:], num_classes=1000).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    guard = NonFiniteGuard(list(model.named_parameters()), device)
+    transport = Transport(prediction="x")
+    x = torch.randn(batch, *latent, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step(guarded: bool):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = transport.training_loss(model, x, y).loss
+        loss.backward()
+        if guarded:
+            guard.check(optimizer, loss.detach(), ~torch.isfinite(loss.detach()), 0, 0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    plain = timed(lambda: step(False), steps, device)
+    guarded = timed(lambda: step(True), steps, device)
+    return {"backbone": name, "latent": list(latent), "batch": batch, "step_s": plain, "guarded_step_s": guarded,
+            "overhead_pct": 100 * (guarded / plain - 1)}  # fmt: skip
+
+
 # Random-init encoders with each family's tiny test config and the released checkpoints' real sizes.
 ENCODERS = {
     "tiny siglip": (SigLIP2, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -223,6 +254,7 @@ def main() -> None:
         "plugged_registers": plugged_registers_overhead(),
         "throughput": [throughput(b, latent, batch, args.steps, device, bf16=on_gpu) for b in backbones],
         "guidance": [guidance_sampling_speed(b, latent, batch, device, bf16=on_gpu) for b in backbones],
+        "nonfinite_guard": [nonfinite_guard_cost(b, latent, batch, args.steps, device, on_gpu) for b in backbones],
         "encoders": [
             encoder_throughput(name, 256 if name.startswith("tiny") or on_gpu else 4, 3, device) for name in ENCODERS
         ],
@@ -256,6 +288,11 @@ def main() -> None:
         print(
             f"{row['backbone']:10} {t['unguided']:11.3f} {t['cfg_whole_grid']:8.3f} {t['cfg_interval_0.1_1']:14.3f} "
             f"{t['autoguidance']:15.3f}  ({row['steps_below_0.1']} of {row['steps']} steps below t = 0.1)"
+        )
+    for row in results["nonfinite_guard"]:
+        print(
+            f"{row['backbone']:10} train step {row['step_s'] * 1e3:.1f} ms, with the non-finite guard "
+            f"{row['guarded_step_s'] * 1e3:.1f} ms ({row['overhead_pct']:+.1f}%)"
         )
     print(f"\n{'encoder':16} {'latent':>16} {'batch':>6} {'bf16':>5} {'img/s':>9}")
     for row in results["encoders"]:

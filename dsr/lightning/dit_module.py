@@ -21,7 +21,6 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import grad_norm
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
@@ -30,7 +29,7 @@ from dsr.diffusion.guidance import AutoGuidance, ClassifierFreeGuidance, Guide
 from dsr.diffusion.samplers import sampling_autocast
 from dsr.diffusion.transport import Transport
 from dsr.encoders.base import LatentCodec
-from dsr.lightning.training import EMAs, steps_per_epoch
+from dsr.lightning.training import EMAs, NonFiniteError, NonFiniteGuard, steps_per_epoch
 from dsr.utils.files import load_tensors
 from dsr.utils.frozen import drop_frozen, fill_frozen
 from dsr.utils.seeding import step_generator
@@ -79,10 +78,12 @@ class DiTModule(L.LightningModule):
         seed: int = 0,
         sampling_precision: str = "32-true",
         sampling_shift: float | None = None,
+        nonfinite_patience: int = 20,
     ) -> None:
         """`backbone` is a factory taking `in_channels` and `input_size`, so the backbone is sized by the encoder.
         `ema_decays` keeps one EMA per decay (the first is the one sampling uses by default); None keeps one, with
-        `ema_decay`."""
+        `ema_decay`. An optimizer step with a NaN or Inf in its loss or gradients is skipped (`NonFiniteGuard`);
+        after `nonfinite_patience` consecutive skips the run stops (0 turns the guard off)."""
         super().__init__()
         self.encoder = encoder
         self.latent_shape: tuple[int, int, int] = tuple(encoder.latent_shape)
@@ -97,6 +98,14 @@ class DiTModule(L.LightningModule):
         self.guidance = guidance
         self.sampling_precision = sampling_precision
         self.sampling_shift = sampling_shift
+        if nonfinite_patience < 0:
+            raise ValueError(f"module.nonfinite_patience must be >= 0 (0: no guard), got {nonfinite_patience}")
+        self.nonfinite_patience = nonfinite_patience
+        self.guard: NonFiniteGuard | None = None  # built at the first step, on the training device
+        self._loss_bad: Tensor | None = None  # any micro-batch of the current step with a non-finite loss
+        self._skip: Tensor | None = None  # this step's skip flag, for the EMA
+        self._last_loss: Tensor | None = None
+        self._last_batch_idx = 0
         self.run_config: dict | None = None  # the resolved Hydra config, stored in every checkpoint
         self.yields_latents = False  # batches hold raw latents, not images (the datamodule says so at setup)
 
@@ -139,18 +148,91 @@ class DiTModule(L.LightningModule):
         noise, t, uniform = self.step_randomness(batch_idx, len(y))
         y = self.backbone.y_embedder.drop_labels(y, uniform)
         out = self.transport.training_loss(self.backbone, z, y, noise=noise.to(z.dtype), t=t.to(z.dtype))
+        if self.nonfinite_patience:
+            bad = ~torch.isfinite(out.loss.detach())
+            self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
+            self._last_loss, self._last_batch_idx = out.loss.detach(), batch_idx
         self.log("train/loss", out.loss, prog_bar=True)
         if out.masked_fraction is not None:
             self.log("train/masked_fraction", out.masked_fraction)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Before clipping: the norm the optimizer would have seen without it.
-        self.log("train/grad_norm", grad_norm(self.backbone, norm_type=2)["grad_2.0_norm_total"])
+        # Before clipping: the norm the optimizer would have seen without it (on the device: no host sync).
+        if not self.nonfinite_patience:
+            grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
+            norms = torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(1, device=self.device)
+            self.log("train/grad_norm", norms.float().square().sum().sqrt())
+            return
+        if self.guard is None:
+            trained = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+            self.guard = NonFiniteGuard(trained, self.device)
+        reduce = None
+        if self.trainer.world_size > 1:
+            reduce = lambda flag: self.trainer.strategy.reduce(flag, reduce_op="max")  # noqa: E731
+        loss_bad = self._loss_bad
+        if loss_bad is None:
+            loss_bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._skip, total = self.guard.check(
+            optimizer, self._last_loss, loss_bad, self.global_step, self._last_batch_idx, reduce
+        )
+        self._loss_bad = None
+        self.log("train/grad_norm", total)
+        self.log("train/skipped_steps", self.guard.skipped)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.backbone)
+        self.ema.update(self.backbone, skip=self._skip)
+        self._skip = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # The guard's counters are read on the host at the logging cadence (and at the last step), not every step.
+        guard, trainer = self.guard, self.trainer
+        if guard is None or trainer.global_step == getattr(self, "_checked_step", -1):
+            return
+        last = 0 < trainer.max_steps <= trainer.global_step
+        if trainer.global_step % max(1, trainer.log_every_n_steps) and not last:
+            return
+        self._checked_step = trainer.global_step
+        if int(guard.longest) >= self.nonfinite_patience:
+            diagnosis = guard.diagnosis()
+            path = self.write_nonfinite_diagnosis(diagnosis)
+            raise NonFiniteError(
+                f"{diagnosis['longest_run']} consecutive optimizer steps had a NaN or Inf in the loss or the "
+                f"gradients (module.nonfinite_patience={self.nonfinite_patience}), the latest run from step "
+                f"{diagnosis['first_step_of_run']}; they were skipped (weights, optimizer state and EMA untouched), "
+                f"so the last checkpoint holds the last good weights. Diagnosis: {path}"
+            )
+
+    def write_nonfinite_diagnosis(self, diagnosis: dict) -> Path:
+        """`<run dir>/nonfinite_step_<step>.json`: the guard's diagnosis and the sample indices of the first skipped
+        step's batch on rank 0 (map-style data; a stream has none)."""
+        import json
+
+        from dsr.utils.files import atomic_write
+
+        diagnosis = {**diagnosis, "rank": self.global_rank, "sample_indices": self._batch_indices(diagnosis)}
+        path = Path(self.trainer.default_root_dir) / f"nonfinite_step_{diagnosis['first_step_of_run']:08d}.json"
+        if self.trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda f: f.write((json.dumps(diagnosis, indent=2) + "\n").encode()))
+        return path
+
+    def _batch_indices(self, diagnosis: dict) -> list[int] | None:
+        """The dataset indices of the micro-batches of the first skipped step, recomputed from the seeded sampler."""
+        loader = self.trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if sampler is None or not hasattr(sampler, "set_epoch") or getattr(loader, "batch_size", None) is None:
+            return None
+        accumulate = self.trainer.accumulate_grad_batches
+        steps_per_epoch = max(1, len(loader) // accumulate)
+        epoch = diagnosis["first_step_of_run"] // steps_per_epoch
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        sampler.set_epoch(self.trainer.current_epoch)
+        last = diagnosis["batch_idx"] + 1
+        start = (last - accumulate) * loader.batch_size
+        return [int(i) for i in order[max(0, start) : last * loader.batch_size]]
 
     def configure_optimizers(self) -> dict:
         optimizer = self.optimizer_factory([p for p in self.backbone.parameters() if p.requires_grad])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -42,6 +42,7 @@ class EMAs(nn.Module):
         self.decays = decays
         self.averages = nn.ModuleList(copy.deepcopy(model).requires_grad_(False) for _ in decays)
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))
+        self._updates: int | None = None  # n_averaged, mirrored on the host
 
     @property
     def module(self) -> nn.Module:
@@ -60,22 +61,33 @@ class EMAs(nn.Module):
         return self.averages[self.index(decay)]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, skip: Tensor | None = None) -> None:
+        """Average `model`'s current weights in. `skip` (a 0-dim device flag, 1 = skip): leave every average as it is,
+        decided on the device (a skipped optimizer step left the weights unchanged; so does the EMA)."""
+        if self._updates is None:  # read once, then counted here: no host sync per step
+            self._updates = int(self.n_averaged)
         sources = [t.detach() for t in itertools.chain(model.parameters(), model.buffers())]
-        first = int(self.n_averaged) == 0
+        first = self._updates == 0
+        keep = None if skip is None else 1.0 - skip.float()
         lerp_targets, lerp_sources, weights = [], [], []
         for decay, average in zip(self.decays, self.averages, strict=True):
             targets = [t.detach() for t in itertools.chain(average.parameters(), average.buffers())]
+            weight = 1.0 - decay if keep is None else keep * (1.0 - decay)
             for target, source in zip(targets, sources, strict=True):
                 if first or not target.is_floating_point():
-                    target.copy_(source)
+                    target.copy_(source)  # the first update copies (skipped or not, the weights are the initial ones)
                 else:
                     lerp_targets.append(target)
                     lerp_sources.append(source.to(target.device, target.dtype))
-                    weights.append(1.0 - decay)
+                    weights.append(weight)
         if lerp_targets:
             torch._foreach_lerp_(lerp_targets, lerp_sources, weights)
         self.n_averaged += 1
+        self._updates += 1
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._updates = None  # the loaded n_averaged is read at the next update
 
     def check_decays(self, stored: Sequence[float] | None, where: str = "the checkpoint") -> None:
         """Refuse averages stored for other decays (None: a checkpoint from before several EMAs, one average)."""
@@ -116,3 +128,98 @@ def steps_per_epoch(trainer: L.Trainer, setting: str) -> float:
     if datamodule is None or not hasattr(datamodule, "steps_per_epoch"):
         raise ValueError(f"{setting} is given in epochs: it needs a datamodule with steps_per_epoch()")
     return datamodule.steps_per_epoch()
+
+
+def block_of(name: str) -> str:
+    """The block a parameter belongs to, for per-block gradient norms: `blocks.3`, `head_blocks.0`, else its top-level
+    module (`x_embedder`, `final_layer`, ...)."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1].isdigit():
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped after too many consecutive optimizer steps with a NaN or Inf in the loss or the gradients."""
+
+
+class NonFiniteGuard:
+    """Skips every optimizer step whose loss or gradients hold a NaN or Inf, decided on the device (no host sync).
+
+    `check(...)` after the backward pass returns a 0-dim flag (1 = skip) and hands it to a fused Adam / AdamW as its
+    `found_inf` (the mechanism PyTorch's GradScaler uses), which then leaves the weights and the optimizer state
+    untouched; `EMAs.update(skip=flag)` leaves the averages untouched too. An optimizer without `found_inf` (not fused)
+    gets the decision on the host instead (one sync per step): its gradients are set to None, which every PyTorch
+    optimizer skips. Under several ranks the flag is reduced with max, so every rank skips the same steps (under FSDP
+    each rank holds only a shard of the gradients).
+
+    The learning-rate schedule and `global_step` still advance over a skipped step: the step counts batches drawn, and
+    the data position, the seeded per-step randomness and the checkpoint cadence are keyed by it, so a skipped step is
+    a lost batch rather than a paused clock (and a resume stays exact).
+
+    On the device it keeps the number of skipped steps, the current and the longest run of consecutive skips, and, for
+    the first step of the latest run, its step, loss, batch index and per-block gradient norms (`diagnosis()` reads
+    them on the host, at the logging cadence)."""
+
+    def __init__(self, named_parameters: list[tuple[str, nn.Parameter]], device: torch.device) -> None:
+        self.params = [p for _, p in named_parameters]
+        blocks = list(dict.fromkeys(block_of(n) for n, _ in named_parameters))
+        self.blocks = blocks
+        self.block_index = torch.tensor([blocks.index(block_of(n)) for n, _ in named_parameters], device=device)
+        zero = torch.zeros((), device=device)
+        self.skipped = zero.clone()
+        self.streak = zero.clone()
+        self.longest = zero.clone()
+        self.first_step = zero.clone()
+        self.first_loss = zero.clone()
+        self.first_batch = zero.clone()
+        self.first_block_norms = torch.zeros(len(blocks), device=device)
+
+    def check(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss: Tensor,
+        loss_bad: Tensor,
+        step: int,
+        batch_idx: int,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The skip flag (0-dim float, 1 = skip) and the total gradient norm (before any clipping) of this step.
+        `loss`: the last micro-batch's loss; `loss_bad`: whether any micro-batch's loss was non-finite;
+        `reduce(flag)` makes the flag the same on every rank (max)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        index = self.block_index
+        if len(grads) != len(self.params):  # some parameters took no part in this step (rare): their rows go
+            index = index[torch.tensor([p.grad is not None for p in self.params], device=index.device)]
+        norms = torch.stack(torch._foreach_norm(grads)).float() if grads else torch.zeros(0, device=loss_bad.device)
+        total = norms.square().sum().sqrt()
+        bad = (loss_bad | ~torch.isfinite(total)).float()
+        if reduce is not None:
+            bad = reduce(bad)
+        self.skipped += bad
+        self.streak = (self.streak + 1) * bad
+        self.longest = torch.maximum(self.longest, self.streak)
+        start = self.streak == 1
+        block_norms = torch.zeros_like(self.first_block_norms).index_add_(0, index, norms.square()).sqrt()
+        self.first_block_norms = torch.where(start, block_norms, self.first_block_norms)
+        self.first_step.masked_fill_(start, step)
+        self.first_batch.masked_fill_(start, batch_idx)
+        self.first_loss = torch.where(start, loss.detach().float(), self.first_loss)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if isinstance(inner, torch.optim.Adam) and inner.defaults.get("fused"):
+            inner.found_inf = bad
+        elif bool(bad):  # host decision: every optimizer skips parameters without gradients
+            for p in self.params:
+                p.grad = None
+        return bad, total
+
+    def diagnosis(self) -> dict:
+        """What the host reports about the latest run of skipped steps."""
+        return {
+            "skipped_steps": int(self.skipped),
+            "longest_run": int(self.longest),
+            "first_step_of_run": int(self.first_step),
+            "loss": float(self.first_loss),
+            "batch_idx": int(self.first_batch),
+            "block_grad_norms": dict(zip(self.blocks, self.first_block_norms.tolist(), strict=True)),
+        }

@@ -113,3 +113,99 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_a_diagnosis(tmp_path):
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] in (2, 4) and all(torch.isfinite(v).all() for v in last["state_dict"].values()
                                                  if v.is_floating_point())  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# write failures and bad files
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_path, monkeypatch):
+    from dsr.lightning import checkpoint_io
+
+    saves, save = [], torch.save
+
+    def disk_fills_up(obj, f, *args, **kwargs):  # the second last.ckpt (step 4): part of the file, then a full disk
+        if "last.ckpt" in f.name:
+            saves.append(1)
+            if len(saves) == 2:
+                f.write(b"PK\x03\x04 partial")
+                raise OSError(28, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", disk_fills_up)
+    overrides = [*COMMON, "trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=2",
+                 "callbacks.checkpoint.save_top_k=1"]  # fmt: skip
+    with pytest.raises(
+        checkpoint_io.CheckpointWriteError,
+        match=rf"{tmp_path}/checkpoints/last.ckpt: .*No space left on device; the previous last.ckpt is intact",
+    ):
+        fit(overrides, tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    kept = torch.load(last, map_location="cpu", weights_only=True)  # loadable: the step-2 checkpoint
+    assert kept["global_step"] == 2
+    assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))  # no half-written file left behind
+
+
+def _truncated(path, into):
+    data = path.read_bytes()
+    into.write_bytes(data[: len(data) // 2])
+    return into
+
+
+def test_bad_files_fail_with_one_line_naming_the_file(tmp_path):
+    import numpy as np
+
+    from dsr.data.latents import CachedLatents, latents_path
+    from dsr.encoders.rae import load_stats
+    from dsr.lightning.dit_module import DiTModule
+    from dsr.utils.files import load_tensors
+
+    torch.save({"mean": torch.zeros(4, 2, 2), "var": torch.ones(4, 2, 2)}, tmp_path / "stats.pt")
+    bad_stats = _truncated(tmp_path / "stats.pt", tmp_path / "stats_cut.pt")
+    with pytest.raises(ValueError, match=r"^encoder.stats=.*stats_cut.pt is not a readable torch file: truncated"):
+        load_stats(bad_stats, (4, 2, 2))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    for name in ("empty.pt", "notes.pt"):
+        with pytest.raises(ValueError, match=f"^init_from=.*{name} is not a readable torch file"):
+            load_tensors(tmp_path / name, "init_from")
+    with pytest.raises(ValueError, match="is a folder, not a file"):
+        load_tensors(tmp_path, "ckpt")
+    # A foreign checkpoint (statistics passed as a model) and a truncated one.
+    with pytest.raises(ValueError, match="holds no dsr config"):
+        DiTModule.from_checkpoint(tmp_path / "stats.pt")
+    with pytest.raises(ValueError, match="^ckpt=.*stats_cut.pt is not a readable torch file"):
+        DiTModule.from_checkpoint(bad_stats)
+    # A latent cache with a truncated shard and one written for another latent shape: refused at construction.
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "manifest.json").write_text(json.dumps({"num_samples": 4, "shard_size": 2, "views": ["plain"],
+                                                    "latent_shape": [4, 2, 2]}))  # fmt: skip
+    for shard in range(2):
+        np.save(latents_path(root, shard), np.zeros((2, 1, 4, 2, 2), dtype=np.float16))
+        np.save(root / f"labels_{shard:05d}.npy", np.zeros(2, dtype=np.int64))
+    assert len(CachedLatents(str(root))) == 4
+    _truncated(latents_path(root, 1), latents_path(root, 1))
+    with pytest.raises(ValueError, match=r"latents_00001.npy is truncated or damaged"):
+        CachedLatents(str(root))
+    np.save(latents_path(root, 1), np.zeros((2, 1, 8, 2, 2), dtype=np.float16))
+    with pytest.raises(ValueError, match=r"latents_00001.npy holds an array of shape \(2, 1, 8, 2, 2\)"):
+        CachedLatents(str(root))
+
+
+@pytest.mark.slow
+def test_a_bad_checkpoint_through_a_command_is_one_line_and_exit_status_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.save({"mean": torch.zeros(4, 2, 2), "var": torch.ones(4, 2, 2)}, tmp_path / "stats.pt")
+    bad = _truncated(tmp_path / "stats.pt", tmp_path / "cut.ckpt")
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "dsr.sample", f"ckpt={bad}", "accelerator=cpu"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(repo)})  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: ckpt={bad} is not a readable torch file")

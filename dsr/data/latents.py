@@ -58,16 +58,41 @@ class CachedLatents(Dataset):
         self.shard_size = int(self.manifest["shard_size"])
         self.num_views = len(self.manifest["views"])
         self.latent_shape = tuple(self.manifest["latent_shape"])
-        self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.labels = np.concatenate(
-            [np.load(labels_path(self.root, s)) for s in range(-(-self.num_samples // self.shard_size))]
-        )
+        self._shards: dict[int, np.ndarray] = {}
+        num_shards = -(-self.num_samples // self.shard_size)
+        # Every shard's header is read now (memory maps, no data): a missing, truncated or foreign shard fails at
+        # start-up naming the file, not in a loader worker hours into the run.
+        for shard in range(num_shards):
+            rows = min(self.shard_size, self.num_samples - shard * self.shard_size)
+            self._open(latents_path(self.root, shard), (rows, self.num_views, *self.latent_shape))  # dropped: closed
+        self.labels = np.concatenate([self._open(labels_path(self.root, s), None) for s in range(num_shards)])
+        if len(self.labels) != self.num_samples:
+            raise ValueError(f"data.dataset.root={self.root}: the label shards hold {len(self.labels)} labels for "
+                             f"{self.num_samples} latents; re-run dsr.cache_latents to rewrite the cache")  # fmt: skip
+
+    def _open(self, path: Path, shape: tuple[int, ...] | None) -> np.ndarray:
+        """A shard as a read-only memory map, checked against the shape the manifest gives (None: any)."""
+        if not path.is_file():
+            raise FileNotFoundError(f"data.dataset.root={self.root}: {path.name} is missing; re-run dsr.cache_latents")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as error:  # a header or a body cut short, or not an .npy file
+            raise ValueError(
+                f"data.dataset.root={self.root}: {path.name} is truncated or damaged ({error}); re-run "
+                "dsr.cache_latents to rewrite it"
+            ) from None
+        if shape is not None and tuple(array.shape) != shape:
+            raise ValueError(
+                f"data.dataset.root={self.root}: {path.name} holds an array of shape {tuple(array.shape)}, the "
+                f"manifest promises {shape}: written by another encoder or cache; re-run dsr.cache_latents"
+            )
+        return array
 
     def __len__(self) -> int:
         return self.num_samples
 
     def _shard(self, shard: int) -> np.ndarray:
-        if shard not in self._shards:
+        if shard not in self._shards:  # opened when first read (one map per shard a process reads)
             self._shards[shard] = np.load(latents_path(self.root, shard), mmap_mode="r")
         return self._shards[shard]
 

@@ -20,14 +20,32 @@ def load_tensors(path: str | Path, setting: str, map_location: str | object = "c
 
     import torch
 
+    if Path(path).is_dir():
+        raise ValueError(f"{setting}={path} is a folder, not a file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        reason = str(error).split("\n")[0]
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 (torch reports a damaged file in many ways; each becomes one line)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        refused = next((line for line in lines if "Unsupported global" in line), None)
+        if isinstance(error, pickle.UnpicklingError) and refused is not None:
+            raise ValueError(
+                f"{setting}={path} holds Python objects other than tensors and plain containers; it is not loaded, "
+                f"since unpickling them could run code ({refused.split('. ')[0]})"
+            ) from None
+        reason = next((line for line in reversed(lines) if "error" in line.lower() or "operand" in line), None)
+        reason = f"{type(error).__name__}: {reason or (lines[0] if lines else '')}".rstrip(": ")
+        raise ValueError(
+            f"{setting}={path} is not a readable torch file: truncated, damaged or another format ({reason[:200]})"
+        ) from None
         raise ValueError(
             f"{setting}={path} holds Python objects other than tensors and plain containers; it is not loaded, since "
             f"unpickling them could run code ({reason})"
         ) from None
+    except (RuntimeError, EOFError) as error:  # a zip archive cut short, an empty file, another format
+        reason = str(error).split("\n")[0]
+        raise ValueError(f"{setting}={path} is not a readable torch file (truncated or damaged: {reason})") from None
 
 
 def sha256_file(path: str | Path, digest: hashlib._Hash | None = None) -> hashlib._Hash:

@@ -209,3 +209,96 @@ def test_a_bad_checkpoint_through_a_command_is_one_line_and_exit_status_2(tmp_pa
                             env={**os.environ, "PYTHONPATH": str(repo)})  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: ckpt={bad} is not a readable torch file")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# kills at seeded random points: the same command finishes with the uninterrupted result
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _run_killed(command, cwd, outputs, kill_after, env):
+    """Start `command`, SIGKILL it once `kill_after` files match `outputs` (a glob under cwd), rerun it to the end."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(list(cwd.glob(outputs))) < kill_after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "finished before the kill: nothing was interrupted"
+    done = len(list(cwd.glob(outputs)))
+    subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True, timeout=300)
+    return done
+
+
+def _env():
+    import os
+    from pathlib import Path
+
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_killed_sample_run_reruns_to_the_same_npz(tmp_path, seed):
+    import random
+    import sys
+
+    import numpy as np
+
+    fit([*COMMON, "trainer.max_steps=2"], tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    args = [f"ckpt={ckpt}", "num_samples=48", "shard_size=4", "batch_size=2", "sampler.solver.num_steps=20",
+            "accelerator=cpu", "devices=1"]  # fmt: skip
+    kill_after = random.Random(seed).randint(1, 8)  # of 12 shards
+    killed = tmp_path / "killed"
+    done = _run_killed([sys.executable, "-m", "dsr.sample", *args, f"output={killed}"], tmp_path,
+                       "killed/shards/shard_*.npz", kill_after, _env())  # fmt: skip
+    assert kill_after <= done < 12
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "dsr.sample", *args, f"output={tmp_path / 'straight'}"], cwd=tmp_path,
+                   env=_env(), check=True, capture_output=True, timeout=300)  # fmt: skip
+    with np.load(killed / "samples.npz") as a, np.load(tmp_path / "straight" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def _tar_members(path):
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+@pytest.mark.slow
+def test_a_killed_make_shards_run_reruns_to_the_same_shards(tmp_path):
+    import random
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    source = tmp_path / "tree"
+    generator = random.Random(0)
+    for c in range(4):
+        (source / f"n0{c}").mkdir(parents=True)
+        for i in range(10):
+            colour = tuple(generator.randrange(256) for _ in range(3))
+            Image.new("RGB", (24 + i, 20 + c), colour).save(source / f"n0{c}" / f"{i}.png")
+    args = [f"source={source}", "image_size=16", "samples_per_shard=2", "num_workers=0"]
+    command = [sys.executable, "-m", "dsr.data.make_shards", *args]
+    done = _run_killed([*command, f"output={tmp_path / 'killed'}"], tmp_path, "killed/shard-*.tar",
+                       random.Random(2).randint(2, 12), _env())  # fmt: skip
+    assert done < 20
+    subprocess.run([*command, f"output={tmp_path / 'straight'}"], cwd=tmp_path, env=_env(), check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    names = sorted(p.name for p in (tmp_path / "straight").glob("shard-*.tar"))
+    assert len(names) == 20 and names == sorted(p.name for p in (tmp_path / "killed").glob("shard-*.tar"))
+    for name in names:
+        assert _tar_members(tmp_path / "killed" / name) == _tar_members(tmp_path / "straight" / name), name
+    killed_manifest = json.loads((tmp_path / "killed" / "manifest.json").read_text())
+    straight_manifest = json.loads((tmp_path / "straight" / "manifest.json").read_text())
+    assert killed_manifest["shards"] == straight_manifest["shards"]

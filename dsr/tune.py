@@ -15,7 +15,8 @@ the proxy classifier of the training data (`features=proxy`, the built-in datase
 
 Writes to `output` (default `<run dir>/tune/<ckpt stem>-<sampler>-n<num_samples>-seed<seed>`):
 - `points.jsonl`: one line per finished point, rewritten atomically after each; a killed sweep run again with the same
-  command skips the finished points (other settings in the same `output` are refused),
+  command skips the finished points (`settings.json` records the rest: other settings in the same `output` are
+  refused; a grid extended along the same axes reuses its points),
 - `table.csv`, `table.json`: one row per point, the axes, the scores, velocity evaluations per sample and seconds,
 - `<fid|fd>_vs_<axis>.png` (one line per value of the other axes, e.g. per EMA) and `precision_recall.png`,
 and prints the best point (lowest FID / FD) with the `dsr.sample` command of the 50K run. With `wandb=<project>` the
@@ -48,13 +49,12 @@ from tqdm.auto import tqdm
 
 from dsr.config import build, entry_point, resolved_config
 from dsr.utils.devices import resolve_device
-from dsr.utils.files import atomic_write, run_dir_of
+from dsr.utils.files import atomic_write, guard_settings, run_dir_of
 
 log = logging.getLogger("dsr.tune")
 
 FEATURES = ("inception", "proxy")
 POINTS = "points.jsonl"
-FINGERPRINT = "tune.yaml"
 _RANGE = re.compile(r"^\s*(-?[\d.eE+-]+)\s*:\s*(-?[\d.eE+-]+)\s*:\s*([\d.eE+-]+)\s*$")
 
 
@@ -228,21 +228,6 @@ def write_points(out_dir: Path, rows: list[dict]) -> None:
     atomic_write(out_dir / POINTS, lambda f: f.write(text.encode()))
 
 
-def check_fingerprint(out_dir: Path, fingerprint: dict) -> None:
-    """Refuse to mix points scored with other settings into `out_dir`; write the fingerprint when absent."""
-    path = out_dir / FINGERPRINT
-    if path.is_file():
-        existing = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        if existing != fingerprint:
-            changed = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
-            raise ValueError(
-                f"output={out_dir} holds a sweep with other settings (differ in: {', '.join(changed)}); "
-                "use another output or delete it"
-            )
-    else:
-        atomic_write(path, lambda f: f.write(OmegaConf.to_yaml(OmegaConf.create(fingerprint)).encode()))
-
-
 def table_rows(points: list[dict[str, Any]], rows: list[dict]) -> list[dict]:
     """The finished rows in grid order, flat: the axes, then the scores."""
     by_point = {json.dumps(r["point"], sort_keys=True): r for r in rows}
@@ -367,7 +352,7 @@ def run(cfg: DictConfig) -> dict:
         "ema": "swept" if "ema" in axes else str(cfg.ema),
         "axes": list(axes),
     }
-    check_fingerprint(out_dir, fingerprint)
+    guard_settings(out_dir, fingerprint, "output")  # points made with other settings are never mixed in
 
     reference, reference_features = reference_statistics(
         reference_path, network, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),

@@ -14,7 +14,8 @@ from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, Si
 from dsr.config import CONF_DIR, compose
 from dsr.registers.planted import plant_neuron, silence_neuron
 
-__all__ = ["CONF_DIR", "DDT_TINY", "TINY_RUN", "compose_script", "compose_train", "planted_vit", "planted_images"]
+__all__ = ["CONF_DIR", "DDT_TINY", "TINY_RUN", "compose_script", "compose_train", "perturb_checkpoint", "planted_vit",
+           "planted_images"]  # fmt: skip
 
 # A model and data small enough for a CPU test: 16x16 images, 4x4 tokens of 48 channels.
 TINY_RUN = [
@@ -47,6 +48,19 @@ def compose_script(config_name: str, overrides: list[str]) -> DictConfig:
     """The config of another entry point (`stats`, `cache_latents`, `analyze`, `sample`) with Hydra's runtime set, as
     its `@hydra.main` would see it."""
     return compose(config_name, overrides)
+
+
+def perturb_checkpoint(path: Path, scale: float = 0.1, seed: int = 0) -> Path:
+    """Add seeded noise to every floating-point tensor of a checkpoint's state dict, in place. A few training steps
+    leave the zero-initialised output layer near zero (flat grey images, a weak test of exact equality); this gives
+    the sampled images real structure."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    generator = torch.Generator().manual_seed(seed)
+    for value in checkpoint["state_dict"].values():
+        if value.is_floating_point():
+            value.add_(scale * torch.randn(value.shape, generator=generator, dtype=value.dtype))
+    torch.save(checkpoint, path)
+    return path
 
 
 # A tiny DiT-DH (tests of the model, of the release layout and of checkpoint import).

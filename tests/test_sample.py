@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CONF_DIR, TINY_RUN, compose_train
+from helpers import CONF_DIR, TINY_RUN, compose_train, perturb_checkpoint
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -35,16 +35,7 @@ def ckpt(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("train") / "run"
     train(compose_train([*TINY_RUN, "trainer.max_steps=3", "callbacks.sample_grid.every_n_steps=1000"], run_dir))
     GlobalHydra.instance().clear()
-    path = run_dir / "checkpoints" / "last.ckpt"
-    # A few steps leave the zero-initialised output layer near zero (flat grey images, a weak test of exact
-    # equality); perturb every weight so the sampled images carry real structure.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    generator = torch.Generator().manual_seed(0)
-    for value in checkpoint["state_dict"].values():
-        if value.is_floating_point():
-            value.add_(0.1 * torch.randn(value.shape, generator=generator, dtype=value.dtype))
-    torch.save(checkpoint, path)
-    return path
+    return perturb_checkpoint(run_dir / "checkpoints" / "last.ckpt")
 
 
 def compose_sample(overrides: list[str]) -> DictConfig:

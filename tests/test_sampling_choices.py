@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_RUN, compose_script, compose_train
+from helpers import TINY_RUN, compose_script, compose_train, perturb_checkpoint
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
@@ -31,13 +31,7 @@ def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ema") / "run"
     train(compose_train([*TINY_RUN, f"module.ema_decays=[{DECAYS[0]},{DECAYS[1]}]", "trainer.max_steps=4"], run_dir))
     GlobalHydra.instance().clear()
-    path = run_dir / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    generator = torch.Generator().manual_seed(0)
-    for value in checkpoint["state_dict"].values():
-        if value.is_floating_point():
-            value.add_(0.1 * torch.randn(value.shape, generator=generator, dtype=value.dtype))
-    torch.save(checkpoint, path)
+    perturb_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return run_dir
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_RUN, compose_script, compose_train
+from helpers import TINY_RUN, compose_script, compose_train, perturb_checkpoint
 from hydra.core.global_hydra import GlobalHydra
 
 from dsr import tune
@@ -29,12 +29,7 @@ def setup(tmp_path_factory, digits_proxy, proxy_dir):
     train(compose_train(overrides, root / "run"))
     GlobalHydra.instance().clear()
     ckpt = root / "run" / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    generator = torch.Generator().manual_seed(0)
-    for value in checkpoint["state_dict"].values():
-        if value.is_floating_point():
-            value.add_(0.1 * torch.randn(value.shape, generator=generator, dtype=value.dtype))
-    torch.save(checkpoint, ckpt)
+    perturb_checkpoint(ckpt)
     common = [f"ckpt={ckpt}", "features=proxy", f"proxy_dir={proxy_dir}", f"cache_dir={root / 'cache'}",
               f"num_samples={N}", "batch_size=4", "accelerator=cpu", "sampler.solver.num_steps=3"]  # fmt: skip
     return ckpt, common, digits_proxy

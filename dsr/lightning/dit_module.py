@@ -29,7 +29,7 @@ from dsr.diffusion.guidance import AutoGuidance, ClassifierFreeGuidance, Guide
 from dsr.diffusion.samplers import sampling_autocast
 from dsr.diffusion.transport import Transport
 from dsr.encoders.base import LatentCodec
-from dsr.lightning.training import EMAs, NonFiniteError, NonFiniteGuard, steps_per_epoch
+from dsr.lightning.training import EMAs, NonFiniteError, NonFiniteGuard, gradient_norms, steps_per_epoch
 from dsr.utils.files import load_tensors
 from dsr.utils.frozen import drop_frozen, fill_frozen
 from dsr.utils.seeding import step_generator
@@ -160,9 +160,8 @@ class DiTModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Before clipping: the norm the optimizer would have seen without it (on the device: no host sync).
         if not self.nonfinite_patience:
-            grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
-            norms = torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(1, device=self.device)
-            self.log("train/grad_norm", norms.float().square().sum().sqrt())
+            norms = gradient_norms(list(self.backbone.parameters()), self.device)
+            self.log("train/grad_norm", norms.square().sum().sqrt())
             return
         if self.guard is None:
             trained = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]

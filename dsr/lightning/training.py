@@ -130,6 +130,12 @@ def steps_per_epoch(trainer: L.Trainer, setting: str) -> float:
     return datamodule.steps_per_epoch()
 
 
+def gradient_norms(params: Sequence[nn.Parameter], device: torch.device) -> Tensor:
+    """The 2-norms [n] of the gradients of `params` that have one, float32, computed on the device (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.stack(torch._foreach_norm(grads)).float() if grads else torch.zeros(0, device=device)
+
+
 def block_of(name: str) -> str:
     """The block a parameter belongs to, for per-block gradient norms: `blocks.3`, `head_blocks.0`, else its top-level
     module (`x_embedder`, `final_layer`, ...)."""
@@ -187,11 +193,10 @@ class NonFiniteGuard:
         """The skip flag (0-dim float, 1 = skip) and the total gradient norm (before any clipping) of this step.
         `loss`: the last micro-batch's loss; `loss_bad`: whether any micro-batch's loss was non-finite;
         `reduce(flag)` makes the flag the same on every rank (max)."""
-        grads = [p.grad for p in self.params if p.grad is not None]
+        norms = gradient_norms(self.params, loss_bad.device)
         index = self.block_index
-        if len(grads) != len(self.params):  # some parameters took no part in this step (rare): their rows go
+        if len(norms) != len(self.params):  # some parameters took no part in this step (rare): their rows go
             index = index[torch.tensor([p.grad is not None for p in self.params], device=index.device)]
-        norms = torch.stack(torch._foreach_norm(grads)).float() if grads else torch.zeros(0, device=loss_bad.device)
         total = norms.square().sum().sqrt()
         bad = (loss_bad | ~torch.isfinite(total)).float()
         if reduce is not None:

@@ -272,6 +272,25 @@ def resume_changes(stored: Mapping, current: Mapping) -> tuple[list[str], list[s
     return refused, allowed
 
 
+def check_positive_ints(cfg: DictConfig, keys: Sequence[str]) -> None:
+    """Each of `keys` must be an integer >= 1 (not a bool): a ValueError naming the first that is not."""
+    for key in keys:
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+
+
+def required_file(cfg: DictConfig, key: str, usage: str) -> Path:
+    """The resolved path of the file setting `key`: a ValueError with `usage` when it is unset, FileNotFoundError
+    naming it when nothing is there."""
+    if OmegaConf.is_missing(cfg, key):
+        raise ValueError(f"{key} is required: {usage}")
+    path = Path(str(cfg[key])).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={cfg[key]}: no checkpoint file at {path.resolve()}")
+    return path.resolve()
+
+
 # --------------------------------------------------------------------------------------------------------
 # command entry points
 # --------------------------------------------------------------------------------------------------------

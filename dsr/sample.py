@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dsr.config import entry_point, resolved_config
+from dsr.config import check_positive_ints, entry_point, required_file, resolved_config
 from dsr.diffusion.generation import generate_shard, shard_ranges
 from dsr.utils.fabric import launch_fabric
 from dsr.utils.files import atomic_write, run_dir_of
@@ -145,20 +145,12 @@ def default_out_dir(
 
 def validate(cfg: DictConfig) -> Path:
     """Check the settings before any model work; return the checkpoint path."""
-    for key in ("num_samples", "batch_size", "shard_size"):
-        value = cfg.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    check_positive_ints(cfg, ("num_samples", "batch_size", "shard_size"))
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {cfg.seed!r}")
     if cfg.get("num_classes") is not None and (not isinstance(cfg.num_classes, int) or cfg.num_classes < 1):
         raise ValueError(f"num_classes must be null or an integer >= 1, got {cfg.num_classes!r}")
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        raise ValueError("ckpt is required: python -m dsr.sample ckpt=<path to a training checkpoint>")
-    ckpt = Path(str(cfg.ckpt)).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt={cfg.ckpt}: no checkpoint file at {ckpt.resolve()}")
-    return ckpt.resolve()
+    return required_file(cfg, "ckpt", "python -m dsr.sample ckpt=<path to a training checkpoint>")
 
 
 def check_fingerprint(out_dir: Path, fingerprint: dict, write: bool) -> None:

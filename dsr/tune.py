@@ -47,7 +47,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from dsr.config import build, entry_point, resolved_config
+from dsr.config import build, check_positive_ints, entry_point, required_file, resolved_config
 from dsr.utils.devices import resolve_device
 from dsr.utils.files import atomic_write, guard_settings, run_dir_of
 
@@ -290,16 +290,8 @@ def sample_command(ckpt: Path, best: dict[str, Any], fixed: Sequence[str]) -> st
 
 
 def validate(cfg: DictConfig) -> Path:
-    for key in ("num_samples", "batch_size"):
-        value = cfg.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        raise ValueError("ckpt is required: python -m dsr.tune ckpt=<path to a training checkpoint> <axes>")
-    ckpt = Path(str(cfg.ckpt)).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt={cfg.ckpt}: no checkpoint file at {ckpt.resolve()}")
-    return ckpt.resolve()
+    check_positive_ints(cfg, ("num_samples", "batch_size"))
+    return required_file(cfg, "ckpt", "python -m dsr.tune ckpt=<path to a training checkpoint> <axes>")
 
 
 def fixed_overrides(axes: dict[str, list]) -> list[str]:

@@ -41,6 +41,18 @@ def _figure(size: tuple[int, int], dpi: int) -> Figure:
     return fig
 
 
+def _finish(fig: Figure, ax, path: Path, dpi: int, title: str | None, legend: bool) -> Path:
+    """The common end of the line plots: title, legend, a light grid, a tight layout, saved as PNG at `dpi`."""
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 def norm_grid(x: Tensor, num_prefix_tokens: int = 0, num_suffix_tokens: int = 0) -> Tensor:
     """Patch-token norms laid out on the patch grid: [B, N, C] -> [B, h, w] (float32)."""
     norms = patch_tokens(x, num_prefix_tokens, num_suffix_tokens).float().norm(dim=-1)
@@ -164,13 +176,7 @@ def plot_max_median_ratio(
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("patch-token norm max / median")
-    if title:
-        ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    return path
+    return _finish(fig, ax, path, dpi, title, legend=True)
 
 
 def plot_norm_histogram(
@@ -229,13 +235,7 @@ def plot_sweep(
                 label="best")  # fmt: skip
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    return path
+    return _finish(fig, ax, path, dpi, title, legend=True)
 
 
 def plot_precision_recall(
@@ -256,9 +256,4 @@ def plot_precision_recall(
         ax.annotate(label, (recall, precision), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    return path
+    return _finish(fig, ax, path, dpi, title, legend=False)

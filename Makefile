@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup train train-rae train-sit test test-fast lint format bench study clean
+.PHONY: help setup train train-rae train-sit train-jit test test-fast lint format bench study clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ train-sit: setup  ## the quickstart in VAE latents with SiT: a small VAE (stage=
 	$(BIN)/python -m dsr.train experiment=quickstart_sit_vae
 	$(BIN)/python -m dsr.stats experiment=quickstart_sit
 	$(BIN)/python -m dsr.train experiment=quickstart_sit
+
+train-jit: setup  ## the quickstart in pixel space with JiT: in-context class tokens and registers, JiT's recipe and sampler
+	$(BIN)/python -m dsr.train experiment=quickstart_jit
 
 test: setup  ## the test suite (CPU, a few minutes)
 	$(BIN)/python -m pytest

@@ -195,6 +195,8 @@ def analyze_dit(cfg: DictConfig) -> Path:
             "seed": a.seed,
             "num_registers": int(getattr(backbone, "num_registers", 0) or 0),
             "register_start": int(getattr(backbone, "register_start", 0) or 0),
+            "in_context_len": int(getattr(backbone, "in_context_len", 0) or 0),  # JiT's class tokens
+            "in_context_start": int(getattr(backbone, "in_context_start", 0) or 0),
             "tau": a.tau,
         }
         paths = save_report(stats, out_dir / f"t{t:.2f}", label=f"t={t:g}", metadata=metadata,

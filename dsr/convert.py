@@ -25,6 +25,11 @@ Stage-2 key layout (release -> dsr), the same for RAE's and DSR's code:
   `register_tokens` -> `registers.tokens`.
 - SiT (willisma/SiT's `SiT-XL-2-256x256.pt`, a state dict or a training checkpoint with "ema"): DiT's names, the same
   as `dsr.models.sit.SiT`'s (a LightningDiT, so it takes the LightningDiT branch below; its MLP is not SwiGLU).
+- JiT (LTH14/JiT's `checkpoint-last.pth`: `model`, `model_ema1`, `model_ema2`, `optimizer`, `epoch`, every key under
+  its Denoiser's `net.`; or a plain state dict): `dsr.models.jit.JiT`'s names except `blocks.i.mlp.w12 / w3` ->
+  `blocks.i.mlp.fc1 / fc2`. Its frozen `pos_embed` is checked and not loaded (its RoPE tables are not in the file).
+  The two EMAs fill `module.ema_decays` in order (recipe=jit keeps JiT's 0.9999 and 0.9996); JiT ships no config
+  file, so `--release-config` does not apply: `backbone=jit_* recipe=jit` describe the model.
 - DiTwDDTHead -> DiTDH: `blocks.i` for i < depth stay trunk `blocks.i`; `blocks.{depth + j}` -> `head_blocks.j`; the
   same MLP renames; `enc_register_tokens` -> `registers.tokens`, `dec_register_tokens` -> `head_registers.tokens`.
 - Fixed tables stored by the release (`pos_embed`, `*register_pos_embed`, RoPE `*feat_rope*.freqs_cos / freqs_sin`)
@@ -56,7 +61,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from timm.layers import GluMlp
 from torch import Tensor, nn
@@ -66,11 +71,13 @@ from dsr.diffusion.transport import REFERENCE_T_MAX
 from dsr.models.ddt import DiTDH
 from dsr.models.decoder import REFERENCE_POS_EMBED, from_reference_state_dict
 from dsr.models.dit import LightningDiT
+from dsr.models.jit import JiT
 from dsr.models.layers import RMSNorm
 from dsr.utils.files import atomic_write, load_tensors
 from dsr.utils.frozen import drop_frozen
 
-PREFIXES = ("module.", "_orig_mod.")
+# DDP's, torch.compile's and JiT's (its Denoiser holds the network as `net`).
+PREFIXES = ("module.", "_orig_mod.", "net.")
 # Fixed tables are recomputed here in float64 and the release's in float32: a layout error shows up as O(1).
 FIXED_TABLE_ATOL = 1e-4
 
@@ -81,11 +88,13 @@ FIXED_TABLE_ATOL = 1e-4
 
 
 def strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Drop the `module.` / `_orig_mod.` prefixes that DDP and torch.compile add (in any order, any number)."""
+    """Drop the `module.` / `_orig_mod.` / `net.` prefixes that DDP, torch.compile and JiT's Denoiser add (in any
+    order, any number)."""
     out = {}
     for key, value in state_dict.items():
         while key.startswith(PREFIXES):
-            key = key.removeprefix("module.").removeprefix("_orig_mod.")
+            for prefix in PREFIXES:
+                key = key.removeprefix(prefix)
         if key in out:
             raise ValueError(f"two keys become '{key}' once the module./_orig_mod. prefixes are removed")
         out[key] = value
@@ -103,11 +112,16 @@ def load_file(path: str | Path) -> Any:
     return load_tensors(path, "SRC")
 
 
-def release_weights(checkpoint: Any, weights: str = "auto") -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
-    """(raw weights, EMA weights, optimizer step) from a release stage-2 file.
+# JiT's training checkpoint (`checkpoint-last.pth`): the raw weights and its two EMAs (0.9999 and 0.9996 as trained).
+JIT_EMA_KEYS = ("model_ema1", "model_ema2")
 
-    `weights`: "auto" takes "model" for the raw and "ema" for the EMA weights of a training checkpoint (a plain
-    state_dict, which the release ships as its EMA weights, fills both); "ema" / "model" put that one set in both.
+
+def release_weights(checkpoint: Any, weights: str = "auto") -> tuple[dict[str, Tensor], list[dict[str, Tensor]], int]:
+    """(raw weights, EMA weight sets, optimizer step) from a release stage-2 file.
+
+    `weights`: "auto" takes "model" for the raw and "ema" for the EMA weights of a training checkpoint (JiT's has two,
+    `model_ema1` and `model_ema2`, in that order; a plain state_dict, which the release ships as its EMA weights, fills
+    both); "ema" / "model" put that one set in both ("ema" is JiT's first EMA).
     """
     if weights not in ("auto", "ema", "model"):
         raise ValueError(f"--weights must be auto, ema or model, got {weights!r}")
@@ -117,7 +131,16 @@ def release_weights(checkpoint: Any, weights: str = "auto") -> tuple[dict[str, T
                 "this file is a plain state_dict (one set of weights, the release's EMA): use --weights auto"
             )
         state = strip_prefixes(checkpoint)
-        return state, state, 0
+        return state, [state], 0
+    if isinstance(checkpoint, Mapping) and "model" in checkpoint and set(JIT_EMA_KEYS) <= set(checkpoint):
+        # JiT counts epochs, not steps; a positive count only marks the EMAs as already averaged.
+        step = max(1, int(checkpoint.get("epoch", 0)))
+        model = strip_prefixes(checkpoint["model"])
+        emas = [strip_prefixes(checkpoint[key]) for key in JIT_EMA_KEYS]
+        if weights == "auto":
+            return model, emas, step
+        chosen = model if weights == "model" else emas[0]
+        return chosen, [chosen], step
     if not isinstance(checkpoint, Mapping) or not ({"model", "ema"} & set(checkpoint)):
         found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         raise ValueError(f"not a release stage-2 file: expected a state_dict or a dict with 'model'/'ema', got {found}")
@@ -125,10 +148,10 @@ def release_weights(checkpoint: Any, weights: str = "auto") -> tuple[dict[str, T
     step = int(checkpoint.get("step", 0))
     if weights == "auto":
         model = sets.get("model", sets.get("ema"))
-        return model, sets.get("ema", model), step
+        return model, [sets.get("ema", model)], step
     if weights not in sets:
         raise ValueError(f"--weights {weights}: the checkpoint has no '{weights}' entry (it has {sorted(sets)})")
-    return sets[weights], sets[weights], step
+    return sets[weights], [sets[weights]], step
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -138,7 +161,9 @@ def release_weights(checkpoint: Any, weights: str = "auto") -> tuple[dict[str, T
 
 def release_name(key: str, backbone: nn.Module) -> str:
     """The release's name of one of `backbone`'s state-dict keys."""
-    if isinstance(backbone, DiTDH):
+    if isinstance(backbone, JiT):
+        key = {"registers.tokens": "register_tokens"}.get(key, key)  # JiT itself has no registers
+    elif isinstance(backbone, DiTDH):
         key = re.sub(r"^head_blocks\.(\d+)\.", lambda m: f"blocks.{backbone.depth + int(m.group(1))}.", key)
         key = {"registers.tokens": "enc_register_tokens", "head_registers.tokens": "dec_register_tokens"}.get(key, key)
     elif isinstance(backbone, LightningDiT):
@@ -161,6 +186,8 @@ def release_fixed_tables(backbone: nn.Module) -> dict[str, Tensor]:
     tables: dict[str, Tensor] = {}
     if backbone.pos_embed is not None:
         tables["pos_embed"] = backbone.pos_embed
+    if isinstance(backbone, JiT):  # JiT keeps its RoPE tables as plain attributes, outside the state dict
+        return tables
     if isinstance(backbone, LightningDiT):
         if backbone.rope is not None:
             tables["feat_rope.freqs_cos"], tables["feat_rope.freqs_sin"] = backbone.rope.tables(prefixed=False)
@@ -403,6 +430,9 @@ def convert_stage2(
     out = Path(out)
     release = None
     if release_config is not None:
+        if get_class(compose("train", overrides, run_dir=out.parent).backbone._target_) is JiT:
+            raise ValueError("--release-config: JiT ships no config file; the overrides (backbone=jit_*, "
+                             "recipe=jit) describe the model")  # fmt: skip
         release = OmegaConf.to_container(OmegaConf.load(release_config), resolve=True)
     overrides = [*overrides, *transport_overrides(overrides, release)]
     cfg = compose("train", overrides, run_dir=out.parent)
@@ -415,10 +445,16 @@ def convert_stage2(
             raise ValueError(f"{release_config} describes another model:\n  " + "\n  ".join(mismatches))
 
     checkpoint = load_file(src)
-    model_weights, ema_weights, step = release_weights(checkpoint, weights)
+    model_weights, ema_sets, step = release_weights(checkpoint, weights)
     module.backbone.load_state_dict(release_to_dsr(model_weights, module.backbone))
-    for average in module.ema.averages:  # the release keeps one EMA: every configured decay starts from it
-        average.load_state_dict(release_to_dsr(ema_weights, average))
+    if len(ema_sets) > 1 and len(ema_sets) != len(module.ema.averages):
+        raise ValueError(
+            f"the file holds {len(ema_sets)} EMAs and the config keeps {len(module.ema.averages)} "
+            f"(module.ema_decays={list(module.ema.decays)}): recipe=jit keeps JiT's two, [0.9999, 0.9996]"
+        )
+    # One EMA in the file (the DSR / RAE releases): every configured decay starts from it. Several (JiT): in order.
+    for i, average in enumerate(module.ema.averages):
+        average.load_state_dict(release_to_dsr(ema_sets[min(i, len(ema_sets) - 1)], average))
     module.ema.n_averaged.fill_(max(step, 1))  # > 0: a first EMA update averages instead of copying the raw weights
 
     module.run_config = resolved_config(cfg)
@@ -588,7 +624,8 @@ def parser() -> argparse.ArgumentParser:
         choices=("auto", "ema", "model"),
         default="auto",
         help="auto: training checkpoint 'model' -> backbone and 'ema' -> EMA, a plain state_dict fills both; "
-        "ema / model: that one set in both slots",
+        "ema / model: that one set in both slots (JiT's checkpoint: auto fills the configured decays with its two "
+        "EMAs in order; ema is its first)",
     )
     s2.add_argument(
         "--release-config",

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Input spaces: diffusion registers in every input space the paper tests. This script runs the rows no other table
-# has: RAE-DiT-XL on DINOv2-B with its trained registers, +- 36 diffusion registers (80 epochs at batch 1024), and
-# SiT-XL/2 on SD-VAE latents, +- 36 diffusion registers (SiT's 400K iterations at batch 256) (4 runs). The SigLIP2-B
-# rows of the table are main_dit_xl_80ep, diff_regs_36, enc_siglip2_b_ttr and main_dit_xl_80ep_dsr, run by
-# main.sh, diffusion_registers.sh and encoder_registers.sh; the JiT (pixel) rows come with the JiT backbone.
+# has: RAE-DiT-XL on DINOv2-B with its trained registers, +- 36 diffusion registers (80 epochs at batch 1024),
+# SiT-XL/2 on SD-VAE latents, +- 36 diffusion registers (SiT's 400K iterations at batch 256), and JiT-H/16 on pixels,
+# +- 36 diffusion registers (JiT's recipe, 80 epochs at batch 1024) (6 runs). The SigLIP2-B rows of the table are
+# main_dit_xl_80ep, diff_regs_36, enc_siglip2_b_ttr and main_dit_xl_80ep_dsr, run by main.sh,
+# diffusion_registers.sh and encoder_registers.sh.
 #
 # Prerequisites (experiments/README.md): latent statistics and decoder in $DSR_ARTIFACTS/dinov2_b_reg-trained/, and
-# the SD-VAE (stabilityai/sd-vae-ft-ema) in the Hugging Face cache; the VAE rows need neither statistics nor decoder.
+# the SD-VAE (stabilityai/sd-vae-ft-ema) in the Hugging Face cache; the VAE and pixel rows need neither statistics nor
+# decoder.
 #
 # Hardware: 8-GPU nodes through SLURM (cluster=slurm_8gpu: Hydra's submitit launcher, one job per row, 8 tasks of one
 # GPU each; trainer.num_nodes=N as an extra argument asks for N nodes per job). Run this on the login node under
@@ -30,5 +32,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python -m dsr.train -m cluster=slurm_8gpu logger=wandb sweep_name=input_spaces \
-    experiment=input_dinov2_b_reg,input_dinov2_b_reg_dsr,input_vae_sit_xl,input_vae_sit_xl_diff \
+    experiment=input_dinov2_b_reg,input_dinov2_b_reg_dsr,input_vae_sit_xl,input_vae_sit_xl_diff,input_jit_h,input_jit_h_dsr \
     "$@"

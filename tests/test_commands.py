@@ -84,7 +84,7 @@ def test_help_shows_the_commands_own_usage_groups_and_settings(tmp_path):
                          cwd=tmp_path, timeout=120).stdout  # fmt: skip
     assert out.startswith("Sample generation for evaluation: class-balanced")
     assert (
-        "  sampler: dopri5, euler, heun, sde" in out
+        "  sampler: dopri5, euler, heun, jit, sde" in out
         and "  sampler/guidance: autoguidance, cfg" in out
         and "ckpt: ???" in out
     )
@@ -130,7 +130,7 @@ def test_an_override_hydra_cannot_compose_is_one_line_and_exit_status_2(tmp_path
     assert result.returncode == 2
     assert result.stderr == (
         "error: In 'sample': Could not find 'sampler/nope' Available options in 'sampler': "
-        "dopri5 euler heun sde sit_ode sit_sde\n"
+        "dopri5 euler heun jit sde sit_ode sit_sde\n"
     )
 
 

@@ -187,12 +187,19 @@ def test_fixed_tables_are_checked():
 
 def test_release_weights_selection():
     a, b = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
-    model, ema, step = release_weights({"model": {"module.w": a["w"]}, "ema": b, "step": 9})
+    model, (ema,), step = release_weights({"model": {"module.w": a["w"]}, "ema": b, "step": 9})
     assert (model["w"].item(), ema["w"].item(), step) == (0.0, 1.0, 9)
-    model, ema, _ = release_weights({"model": a, "ema": b}, "ema")
+    model, (ema,), _ = release_weights({"model": a, "ema": b}, "ema")
     assert model["w"].item() == ema["w"].item() == 1.0
-    model, ema, _ = release_weights(a)
+    model, (ema,), _ = release_weights(a)
     assert model is ema
+    # JiT's checkpoint: the Denoiser's `net.` prefix, two EMAs in order, epochs instead of steps.
+    c = {"w": torch.full((1,), 2.0)}
+    jit = {"model": {"module.net.w": a["w"]}, "model_ema1": {"net.w": b["w"]}, "model_ema2": {"net.w": c["w"]}}
+    model, emas, step = release_weights({**jit, "epoch": 0})
+    assert [model["w"].item(), *(e["w"].item() for e in emas), step] == [0.0, 1.0, 2.0, 1]
+    model, emas, _ = release_weights(jit, "ema")
+    assert [model["w"].item(), *(e["w"].item() for e in emas)] == [1.0, 1.0]
     with pytest.raises(ValueError, match="plain state_dict"):
         release_weights(a, "model")
     with pytest.raises(ValueError, match="no 'ema' entry"):

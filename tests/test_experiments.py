@@ -109,11 +109,14 @@ def test_row_matches_composed_config(row, tmp_path):
     assert row["epochs"] != "-" or row["steps"] != "-", "a row needs an epoch or a step limit"
     assert cfg.data.global_batch_size == int(row["global batch"])
     assert math.isclose(cfg.module.optimizer.lr, number(row["lr"]))
-    assert math.isclose(cfg.module.ema_decay, number(row["EMA"]))
+    decays = list(cfg.module.ema_decays or [cfg.module.ema_decay])
+    assert decays == [number(v) for v in row["EMA"].split(",")]
 
-    # Common to every row: ImageNet 256, no weight decay, unguided sampling, an online FID on 10K samples.
+    # Common to every row: ImageNet 256, no weight decay, an online FID on 10K samples; unguided sampling except the
+    # JiT-B rows, which are not the paper's and use JiT's own CFG for B.
     assert cfg.data.image_size == 256 and cfg.data.num_classes == 1000
-    assert cfg.module.optimizer.weight_decay == 0.0 and cfg.sampler.guidance.scale == 1.0
+    assert cfg.module.optimizer.weight_decay == 0.0
+    assert cfg.sampler.guidance.scale == (3.0 if choices.backbone == "jit_b" else 1.0)
     assert cfg.callbacks.fid.every_n_steps == 25000 and cfg.callbacks.fid.num_samples == 10000
 
     schedule = cfg.module.lr_schedule
@@ -125,6 +128,14 @@ def test_row_matches_composed_config(row, tmp_path):
         assert cfg.trainer.gradient_clip_val is None and cfg.trainer.precision == "32-true"
         assert cfg.sampler.solver.num_steps == 250 and cfg.sampler.solver.last_step == "mean"
         assert cfg.sampler.guidance.guided_channels == 3 and steps == 400000
+    elif choices.recipe == "jit":  # the pixel rows: JiT on the images, its recipe and sampler
+        assert choices.encoder == "pixel" and cfg.encoder.patch_size == 1 and choices.backbone.startswith("jit_")
+        assert choices.sampler == "jit" and cfg.sampler.solver.num_steps == 51 and cfg.sampler.solver.euler_last_step
+        assert cfg.data.global_batch_size == 1024 and list(cfg.module.optimizer.betas) == [0.9, 0.95]
+        assert schedule.warmup_epochs == 5 and schedule.constant_epochs is None and decays == [0.9999, 0.9996]
+        assert (cfg.transport.prediction, cfg.transport.clamp_target, cfg.transport.shift) == ("x", True, 1.0)
+        if cfg.backbone.num_registers:  # registers join with JiT's in-context class tokens
+            assert cfg.backbone.register_start == cfg.backbone.in_context_start
     else:  # the DSR release's rows: batch 1024, AdamW (0.9, 0.95) at 2e-4, Euler 50 steps, x-prediction
         assert choices.sampler == "euler" and cfg.data.global_batch_size == 1024
         assert math.isclose(cfg.module.optimizer.lr, 2e-4) and list(cfg.module.optimizer.betas) == [0.9, 0.95]
@@ -198,12 +209,16 @@ def test_paper_numbers():
         "input_dinov2_b_reg_dsr": "3.92",
         "input_vae_sit_xl": "16.05",
         "input_vae_sit_xl_diff": "14.47",
+        "input_jit_h": "30.34",
+        "input_jit_h_dsr": "23.14",
     }
     assert {k: v for k, v in paper.items() if v != NOT_IN_NOTES} == expected
 
 
 def test_scripts_launch_every_row_once():
-    assert {s.stem for s in SCRIPTS} == {"main", "encoder_registers", "diffusion_registers", "scaling", "input_spaces"}
+    assert {s.stem for s in SCRIPTS} == {
+        "main", "encoder_registers", "diffusion_registers", "scaling", "input_spaces", "jit"
+    }  # fmt: skip
     launched: dict[str, str] = {}
     tables = {row["experiment"]: row["table"] for row in ROWS}
     for script in SCRIPTS:
@@ -303,6 +318,9 @@ def test_readme_prerequisites_cover_every_artifact_pair(tmp_path):
         cfg = compose_train([f"experiment={name}"], tmp_path / name)
         if cfg.hydra.runtime.choices.encoder == "sd_vae":  # scales its latents and decodes them itself: no artifacts
             assert cfg.encoder.stats is None and "decoder" not in cfg.encoder
+            continue
+        if cfg.hydra.runtime.choices.encoder == "pixel":  # JiT reads the images: no statistics, no decoder
+            assert "stats" not in cfg.encoder and "decoder" not in cfg.encoder
             continue
         pair = (cfg.hydra.runtime.choices.encoder, cfg.encoder.registers)
         assert pair in stats_pairs, f"{name}: no dsr.stats command for {pair}"

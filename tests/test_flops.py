@@ -98,5 +98,5 @@ def test_register_overhead_without_registers_covers_the_head_bank():
 
 
 def test_unknown_backbone_is_a_clear_error():
-    with pytest.raises(TypeError, match="LightningDiT and DiTDH"):
+    with pytest.raises(TypeError, match="LightningDiT, DiTDH and JiT"):
         analytic_forward_flops(functools.partial(torch.nn.Linear, 3), (3, 4, 4))

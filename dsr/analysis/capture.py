@@ -187,12 +187,24 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
     return [*blocks, *getattr(backbone, "head_blocks", [])]
 
 
+def prefix_groups(backbone: nn.Module) -> list[dict[str, int]]:
+    """The prefix tokens at the start of each block's output (`backbone_blocks` order), by kind and in sequence order:
+    {"registers": R_l} for LightningDiT / DiT-DH, {"registers": R_l, "in_context": L_l} for JiT (its
+    `prefix_counts`)."""
+    if hasattr(backbone, "prefix_counts"):
+        return [dict(groups) for groups in backbone.prefix_counts()]
+    return [{"registers": count} for count in register_counts(backbone)]
+
+
 def register_counts(backbone: nn.Module) -> list[int]:
-    """Diffusion-register tokens at the start of each block's output (`backbone_blocks` order).
+    """Prefix tokens (diffusion registers, and JiT's in-context class tokens) at the start of each block's output
+    (`backbone_blocks` order).
 
     LightningDiT / DiT-DH trunk: `num_registers` from block `register_start` on, else 0; DiT-DH head: its
-    `head_num_registers` in every head block.
+    `head_num_registers` in every head block; JiT: its registers plus its in-context tokens.
     """
+    if hasattr(backbone, "prefix_counts"):
+        return [sum(groups.values()) for groups in backbone.prefix_counts()]
     depth = len(backbone.blocks)
     num_registers = int(getattr(backbone, "num_registers", 0) or 0)
     start = int(getattr(backbone, "register_start", 0) or 0)
@@ -271,11 +283,14 @@ def dit_statistics(
         backbone: LightningDiT / DiT-DH in eval mode. latents z [n, C, H, W] (normalised, as stage 2 sees them),
         labels [n], noise [n, C, H, W]: moved to the backbone's device batch by batch. t in [0, 1] (1 = noise).
 
-    Diffusion-register tokens are excluded (`num_excluded_tokens` of each record).
+    Prefix tokens (diffusion registers, JiT's in-context class tokens) are excluded (`num_excluded_tokens` of each
+    record) and summarised on their own, per kind (`prefix_tokens` of each record: their mean and largest norm, and
+    the largest over the patches' median), since sink-like behaviour would show up there.
     """
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"analyze.times: t={t} is outside [0, 1] (t = 0 data, t = 1 noise)")
     indices = layer_indices(layers, len(backbone_blocks(backbone)))
+    groups = prefix_groups(backbone)
     stats = OutlierStatistics(indices, tau=tau, top_k=top_k, keep=keep)
     device = next(backbone.parameters()).device
     chunks = list(zip(latents.split(batch_size), labels.split(batch_size), noise.split(batch_size), strict=True))
@@ -284,5 +299,5 @@ def dit_statistics(
         times = torch.full((len(z),), float(t), device=device)
         x_t = interpolate(z, eps, times)
         hidden, counts = capture_block_outputs(backbone, x_t, times, y, indices)
-        stats.update(hidden, counts, 0)
+        stats.update(hidden, counts, 0, prefix_groups=[groups[i] for i in indices])
     return stats

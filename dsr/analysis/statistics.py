@@ -77,14 +77,19 @@ class OutlierStatistics:
         self._norms: list[list[Tensor]] = [[] for _ in self.layers]
         self._kept: list[list[Tensor]] = [[] for _ in self.layers]
         self._excluded: list[int | None] = [None] * len(self.layers)
+        self._prefix: list[dict[str, dict[str, Any]]] = [{} for _ in self.layers]
 
     def update(
         self,
         hidden_states: Sequence[Tensor],
         num_prefix_tokens: int | Sequence[int] = 0,
         num_suffix_tokens: int | Sequence[int] = 0,
+        prefix_groups: Sequence[Mapping[str, int]] | None = None,
     ) -> None:
-        """Add one batch: `hidden_states` holds [B, T_l, C_l] per layer (same B); counts are ints or per layer."""
+        """Add one batch: `hidden_states` holds [B, T_l, C_l] per layer (same B); counts are ints or per layer.
+
+        `prefix_groups` names the excluded prefix tokens of each layer by kind, in sequence order (e.g. {"registers":
+        36, "in_context": 32}); their norms are then summarised per kind (`prefix_tokens` of the records)."""
         if len(hidden_states) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} layers, got {len(hidden_states)}")
         n = len(self.layers)
@@ -103,11 +108,30 @@ class OutlierStatistics:
                 raise ValueError(f"layer {self.layers[i]}: {excluded} excluded tokens, earlier {self._excluded[i]}")
             self._excluded[i] = excluded
             patches = patch_tokens(x, prefix[i], suffix[i]).float()
-            self._norms[i].append(patches.norm(dim=-1).cpu())
+            patch_norms = patches.norm(dim=-1)
+            self._norms[i].append(patch_norms.cpu())
+            if prefix_groups is not None:
+                self._add_prefix(i, x, prefix_groups[i], patch_norms)
             room = self.keep - sum(len(k) for k in self._kept[i])
             if room > 0:
                 self._kept[i].append(patches[:room].cpu())
         self.num_images += batch
+
+    def _add_prefix(self, i: int, x: Tensor, groups: Mapping[str, int], patch_norms: Tensor) -> None:
+        """Accumulate the norms of each kind of prefix token of layer i (x [B, T, C], prefix kinds in order)."""
+        if sum(groups.values()) > x.shape[1]:
+            raise ValueError(f"layer {self.layers[i]}: prefix groups {dict(groups)} exceed its {x.shape[1]} tokens")
+        median = patch_norms.median(dim=1).values  # [B]
+        start = 0
+        for name, count in groups.items():
+            if count:
+                norms = x[:, start : start + count].float().norm(dim=-1)  # [B, count]
+                acc = self._prefix[i].setdefault(name, {"count": count, "sum": 0.0, "n": 0, "max": 0.0, "ratio": 0.0})
+                acc["sum"] += float(norms.sum())
+                acc["n"] += norms.numel()
+                acc["max"] = max(acc["max"], float(norms.max()))
+                acc["ratio"] = max(acc["ratio"], float((norms.max(dim=1).values / median.clamp_min(1e-12)).max()))
+            start += count
 
     def records(self) -> list[dict[str, Any]]:
         """The per-layer records over every image so far (JSON-ready)."""
@@ -117,6 +141,13 @@ class OutlierStatistics:
         for parts, excluded in zip(self._parts, self._excluded, strict=True):
             record = merge_layer_records(parts, self.top_k)
             record["num_excluded_tokens"] = excluded
+            prefix = self._prefix[len(out)]
+            if prefix:
+                record["prefix_tokens"] = {
+                    name: {"count": a["count"], "mean_norm": a["sum"] / a["n"], "max_norm": a["max"],
+                           "max_over_patch_median": a["ratio"]}
+                    for name, a in prefix.items()
+                }  # fmt: skip
             out.append(record)
         return out
 

@@ -32,8 +32,17 @@ class Guide:
     transport: Transport
 
 
+# Grid times reach the interval's ends through different float arithmetic (dsr's grid runs 1 -> 0 in float64 and is
+# cast to float32; JiT's runs 0 -> 1 in float32), so a time within this distance of an end counts as on it.
+INTERVAL_END_TOLERANCE = 1e-6
+
+
 class _IntervalGuidance:
-    """v = v_ref + scale * (v_main - v_ref) for samples whose t lies in [t_min, t_max], v_main elsewhere.
+    """v = v_ref + scale * (v_main - v_ref) for samples whose t lies in the interval, v_main elsewhere.
+
+    The interval is [t_min, t_max] by default; `include_t_min` / `include_t_max` false open an end. JiT's interval
+    (0.1, 1] in its time (1 = data), applied as t_jit > 0.1 and t_jit < 1, is dsr's (0, 0.9) with both ends open: on
+    JiT's 50-step grid the step from t = 0.9 is not guided. A time within `INTERVAL_END_TOLERANCE` of an end is on it.
 
     `guided_channels=k` guides only the first k channels and leaves the rest at v_main: DiT's and SiT's sampling code
     guides the first 3 of the SD-VAE's 4 latent channels ("for exact reproducibility", as their comment has it), and
@@ -41,7 +50,15 @@ class _IntervalGuidance:
     guides every channel, the standard form.
     """
 
-    def __init__(self, scale: float, t_min: float, t_max: float, guided_channels: int | None) -> None:
+    def __init__(
+        self,
+        scale: float,
+        t_min: float,
+        t_max: float,
+        guided_channels: int | None,
+        include_t_min: bool = True,
+        include_t_max: bool = True,
+    ) -> None:
         if t_min > t_max:
             raise ValueError(f"need t_min <= t_max, got t_min={t_min}, t_max={t_max}")
         if guided_channels is not None and guided_channels < 1:
@@ -50,6 +67,8 @@ class _IntervalGuidance:
         self.t_min = t_min
         self.t_max = t_max
         self.guided_channels = guided_channels
+        self.include_t_min = include_t_min
+        self.include_t_max = include_t_max
 
     @property
     def active(self) -> bool:
@@ -58,7 +77,10 @@ class _IntervalGuidance:
 
     def inside(self, t: Tensor) -> Tensor:
         """Which samples [B] of times t [B] are guided."""
-        return (t >= self.t_min) & (t <= self.t_max)
+        tol = INTERVAL_END_TOLERANCE
+        above = t >= self.t_min - tol if self.include_t_min else t > self.t_min + tol
+        below = t <= self.t_max + tol if self.include_t_max else t < self.t_max - tol
+        return above & below
 
     def combine(self, v_main: Tensor, v_ref: Tensor) -> Tensor:
         """The guided velocity of rows that are inside the interval: v_main, v_ref [b, ...]."""
@@ -88,9 +110,15 @@ class ClassifierFreeGuidance(_IntervalGuidance):
     """
 
     def __init__(
-        self, scale: float = 1.0, t_min: float = 0.0, t_max: float = 1.0, guided_channels: int | None = None
+        self,
+        scale: float = 1.0,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        guided_channels: int | None = None,
+        include_t_min: bool = True,
+        include_t_max: bool = True,
     ) -> None:
-        super().__init__(scale, t_min, t_max, guided_channels)
+        super().__init__(scale, t_min, t_max, guided_channels, include_t_min, include_t_max)
 
     def velocity_fn(self, model: Network, y: Tensor, null_class: int, transport: Transport) -> VelocityFn:
         """Wrap `model(x, t, y)` and labels y [B] into a sampler's velocity function (x [B, ...], t [B])."""
@@ -131,8 +159,10 @@ class AutoGuidance(_IntervalGuidance):
         t_max: float = 1.0,
         guide_ema: float | str = "auto",
         guided_channels: int | None = None,
+        include_t_min: bool = True,
+        include_t_max: bool = True,
     ) -> None:
-        super().__init__(scale, t_min, t_max, guided_channels)
+        super().__init__(scale, t_min, t_max, guided_channels, include_t_min, include_t_max)
         self.guide_ckpt = guide_ckpt
         self.guide_ema = guide_ema
         self.guide: Guide | None = None

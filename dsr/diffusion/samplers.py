@@ -126,19 +126,24 @@ class _GridSampler(_Sampler):
 class ODESampler(_GridSampler):
     """Euler or Heun integration of the probability-flow ODE dx/dt = v(x, t) from t = 1 to t_end.
 
-    `t_end` None takes the end from the caller (the model's transport); a number overrides it.
+    `t_end` None takes the end from the caller (the model's transport); a number overrides it. `euler_last_step`
+    (Heun only) takes the last step with Euler, as JiT's sampler does: the grid's end (t = 0 for x-prediction, where
+    the velocity's divisor is clamped) is then never evaluated, and a sample costs one evaluation less.
     """
 
-    def __init__(self, method: str = "euler", num_steps: int = 50, t_end: float | None = None) -> None:
+    def __init__(
+        self, method: str = "euler", num_steps: int = 50, t_end: float | None = None, euler_last_step: bool = False
+    ) -> None:
         if method not in ODE_METHODS:
             raise ValueError(f"method must be one of {ODE_METHODS}, got {method!r}")
         super().__init__(num_steps, t_end)
         self.method = method
+        self.euler_last_step = euler_last_step
 
     def nfe(self) -> int:
-        """Velocity evaluations per sample: one per step for Euler, two for Heun."""
+        """Velocity evaluations per sample: one per step for Euler, two for Heun (one for a last Euler step)."""
         steps = self.num_steps - 1
-        return 2 * steps if self.method == "heun" else steps
+        return 2 * steps - self.euler_last_step if self.method == "heun" else steps
 
     @torch.no_grad()
     def integrate(
@@ -155,10 +160,11 @@ class ODESampler(_GridSampler):
         accepted so every sampler shares one signature."""
         velocity_fn = self.counted(velocity_fn)
         x = noise
-        for _, t_cur, t_next in self.steps(shift, progress, f"{self.method} ODE", t_end):
+        last = self.num_steps - 2
+        for i, t_cur, t_next in self.steps(shift, progress, f"{self.method} ODE", t_end):
             h = t_next - t_cur  # negative: integrating toward data
             v = velocity_fn(x, _batch_time(t_cur, x)).to(x.dtype)
-            if self.method == "euler":
+            if self.method == "euler" or (self.euler_last_step and i == last):
                 x = x + h * v
             else:
                 # Heun: average the slopes at both ends of an Euler predictor step.

@@ -5,8 +5,8 @@ Time convention (RAE and the DSR release): t = 0 is data and t = 1 is pure noise
     x_t = (1 - t) * x + t * noise,        u = dx_t / dt = noise - x.
 
 The network either predicts the velocity u directly ("velocity", RAE) or the clean latent x
-("x", the DSR release), which is turned into a velocity before the loss so both train on the same
-velocity-space objective.
+("x", the DSR release and JiT), which is turned into a velocity before the loss so both train on the same
+velocity-space objective. `noise_scale` s (JiT: 2 at 512 px) makes the noise s * N(0, I): x_t = (1 - t) x + t s eps.
 
 The time interval [t_min, t_max] is one setting for training and sampling, as in both reference codes: training
 draws t on it (then shifts), and the samplers' grid runs from t = 1 down to 1 - t_max (then shifts). Its default
@@ -124,8 +124,14 @@ class Transport:
         shift_dim: int | None = None,
         shift_base_dim: int = 4096,
         x_pred_t_clamp: float = 0.05,
+        clamp_target: bool = False,
+        noise_scale: float = 1.0,
         mask_norm_threshold: float | None = None,
     ) -> None:
+        """`clamp_target` (x-prediction only) divides the target by the same clamped t as the prediction, as JiT does:
+        v_hat = (x_t - x_hat) / max(t, c) against u = (x_t - x) / max(t, c), so the loss is |x_hat - x|^2 / max(t, c)^2.
+        Without it (the DSR release) the clamped prediction is compared with the true velocity s eps - x; the two
+        agree for t >= c = `x_pred_t_clamp` and differ near the data end."""
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if time_dist not in TIME_DISTS:
@@ -134,6 +140,10 @@ class Transport:
             t_max = REFERENCE_T_MAX[prediction]
         if not 0.0 <= t_min < t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+        if clamp_target and prediction != "x":
+            raise ValueError("transport.clamp_target=true is JiT's x-prediction loss: it needs transport.prediction=x")
+        if noise_scale <= 0:
+            raise ValueError(f"transport.noise_scale must be > 0, got {noise_scale}")
         self.prediction = prediction
         self.time_dist = time_dist
         self.logit_mean = logit_mean
@@ -144,6 +154,8 @@ class Transport:
         self.shift_dim = shift_dim
         self.shift_base_dim = shift_base_dim
         self.x_pred_t_clamp = x_pred_t_clamp
+        self.clamp_target = clamp_target
+        self.noise_scale = noise_scale
         self.mask_norm_threshold = mask_norm_threshold
 
     @property
@@ -204,8 +216,8 @@ class Transport:
     ) -> LossOutput:
         """Flow-matching loss for clean latents x [B, C, H, W] and labels y [B].
 
-        `model(x_t, t, y)` returns a velocity or a clean-latent prediction (see `prediction`). Noise and
-        t are drawn with `generator` unless given.
+        `model(x_t, t, y)` returns a velocity or a clean-latent prediction (see `prediction`). Noise (standard
+        normal; the transport scales it by `noise_scale`) and t are drawn with `generator` unless given.
 
         With `mask_norm_threshold` = tau (the paper's loss-masking ablation), tokens whose clean latent has norm
         ||x[b, :, i, j]|| > tau are left out: loss = mean_b (sum of kept errors / max(1, kept tokens)), a per-sample
@@ -217,10 +229,15 @@ class Transport:
         if t is None:
             t = self.sample_time(x.shape[0], x.shape[1:], generator=generator, device=x.device)
         t = t.to(device=x.device, dtype=x.dtype)
+        if self.noise_scale != 1.0:
+            noise = noise * self.noise_scale
 
         x_t = self.interpolate(x, noise, t)
         v_hat = self.velocity(model(x_t, t, y), x_t, t)
-        u = self.target_velocity(x, noise)
+        if self.clamp_target:  # JiT: the target goes through the same clamped divisor as the prediction
+            u = self.velocity(x, x_t, t)
+        else:
+            u = self.target_velocity(x, noise)
 
         # At least float32 so a bf16 forward pass does not quantise the error.
         dtype = torch.promote_types(v_hat.dtype, torch.float32)

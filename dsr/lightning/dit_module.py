@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from dsr.config import rename_keys
 from dsr.diffusion.guidance import AutoGuidance, ClassifierFreeGuidance, Guide
-from dsr.diffusion.samplers import sampling_autocast
+from dsr.diffusion.samplers import SDESampler, sampling_autocast
 from dsr.diffusion.transport import Transport
 from dsr.encoders.base import LatentCodec
 from dsr.lightning.training import EMAs, NonFiniteError, NonFiniteGuard, gradient_norms, steps_per_epoch
@@ -271,6 +271,11 @@ class DiTModule(L.LightningModule):
         naming both values. An AutoGuidance guide is loaded here (if not already) and refused if it does not fit.
         """
         sampling_autocast(precision, self.device)  # an unknown precision fails here
+        if self.transport.noise_scale != 1.0 and isinstance(solver, SDESampler):
+            raise ValueError(
+                f"sampler=sde* assumes unit noise and this model was trained with transport.noise_scale="
+                f"{self.transport.noise_scale}: use an ODE sampler (sampler=jit, heun, euler or dopri5)"
+            )
         trained_shift = self.transport.shift_for(self.latent_shape)
         if shift is not None and not math.isclose(float(shift), trained_shift, rel_tol=1e-9):
             log.warning("sampler.shift=%g differs from the time shift the model was trained with (%g)", shift,
@@ -305,6 +310,7 @@ class DiTModule(L.LightningModule):
             if not isinstance(generator, torch.Generator | None):
                 raise ValueError("pass `noise` explicitly when giving one generator per row")
             noise = torch.randn((len(y), *self.latent_shape), generator=generator, device=self.device)
+        noise = noise * self.transport.noise_scale  # standard normal draws; JiT at 512 px samples from 2 N(0, I)
         model = self.sampling_model(ema)
         velocity_fn = self.guidance.velocity_fn(model, y.to(self.device), model.null_class, self.transport)
         shift = self.transport.shift_for(self.latent_shape) if self.sampling_shift is None else self.sampling_shift
@@ -418,6 +424,9 @@ def load_guide(path: str | Path, ema: float | str, main: DiTModule) -> Guide:
     guide_shift, shift = transport.shift_for(shape), main.transport.shift_for(main.latent_shape)
     if not math.isclose(guide_shift, shift, rel_tol=1e-9):
         raise ValueError(f"{where}: the guide was trained with time shift {guide_shift:g}, the model with {shift:g}")
+    if transport.noise_scale != main.transport.noise_scale:
+        raise ValueError(f"{where}: the guide was trained with transport.noise_scale={transport.noise_scale:g}, "
+                         f"the model with {main.transport.noise_scale:g}")  # fmt: skip
     channels, height, width = shape
     backbone = instantiate(config["module"]["backbone"])(in_channels=channels, input_size=(height, width))
     module_config = config["module"]

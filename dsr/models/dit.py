@@ -32,7 +32,8 @@ from dsr.models.rotary import RotaryTables
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero conditioning on c [B, D] (or per token, c [B, N, D])."""
+    """Pre-norm transformer block with adaLN-Zero conditioning on c [B, D] (or per token, c [B, N, D]). `dropout`
+    (JiT-H's) acts on the attention's output projection and the MLP's hidden activations."""
 
     def __init__(
         self,
@@ -43,12 +44,13 @@ class DiTBlock(nn.Module):
         use_swiglu: bool = True,
         use_rmsnorm: bool = True,
         wo_shift: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = build_norm(hidden_size, use_rmsnorm)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=use_qknorm, use_rmsnorm=use_rmsnorm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=use_qknorm, use_rmsnorm=use_rmsnorm, dropout=dropout)
         self.norm2 = build_norm(hidden_size, use_rmsnorm)
-        self.mlp = build_mlp(hidden_size, mlp_ratio, use_swiglu)
+        self.mlp = build_mlp(hidden_size, mlp_ratio, use_swiglu, dropout)
         self.wo_shift = wo_shift
         num_chunks = 4 if wo_shift else 6
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, num_chunks * hidden_size))

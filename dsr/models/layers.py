@@ -36,13 +36,14 @@ def build_norm(dim: int, use_rmsnorm: bool) -> nn.Module:
     return RMSNorm(dim) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
-def build_mlp(dim: int, mlp_ratio: float, use_swiglu: bool) -> nn.Module:
-    """SwiGLU whose packed first projection splits into (gate, value), or DiT's GELU-tanh MLP."""
+def build_mlp(dim: int, mlp_ratio: float, use_swiglu: bool, dropout: float = 0.0) -> nn.Module:
+    """SwiGLU whose packed first projection splits into (gate, value), or DiT's GELU-tanh MLP. `dropout` acts on the
+    hidden activations only (before the output projection), as JiT's SwiGLU has it."""
     if use_swiglu:
         hidden = int(2 / 3 * mlp_ratio * dim)
         # SwiGLUPacked computes fc2(silu(a) * b) with (a, b) = fc1(x).chunk(2): the reference's w12 / w3.
-        return SwiGLUPacked(in_features=dim, hidden_features=2 * hidden)
-    return Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        return SwiGLUPacked(in_features=dim, hidden_features=2 * hidden, drop=(dropout, 0.0))
+    return Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"), drop=(dropout, 0.0))
 
 
 def per_token(m: Tensor, x: Tensor) -> Tensor:
@@ -154,9 +155,12 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with optional per-head QK-norm and rotary q/k, through SDPA."""
+    """Multi-head self-attention with optional per-head QK-norm and rotary q/k, through SDPA. `dropout` acts on the
+    output projection (JiT's proj_drop)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, use_rmsnorm: bool = True) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, qk_norm: bool = False, use_rmsnorm: bool = True, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
@@ -166,6 +170,7 @@ class Attention(nn.Module):
         self.q_norm = build_norm(self.head_dim, use_rmsnorm) if qk_norm else nn.Identity()
         self.k_norm = build_norm(self.head_dim, use_rmsnorm) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=True)
+        self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """x: [B, N, D]; rope: (cos, sin), each [N, head_dim]."""
@@ -176,4 +181,4 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k = q.to(v.dtype), k.to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dsr.models.ddt import DiTDH
 from dsr.models.dit import LightningDiT
+from dsr.models.jit import JiT
 from dsr.models.sit import SiT
 
 # GaussianFourierEmbedder's default: sin and cos of 256 random frequencies feed the time MLP; DiT's sinusoidal
@@ -88,6 +89,9 @@ FLOP_ARGUMENTS = (
     "time_embedder",
     "out_channels",
     "learn_sigma",
+    "bottleneck_dim",
+    "in_context_len",
+    "in_context_start",
 )
 
 
@@ -101,9 +105,9 @@ def _backbone_arguments(backbone: Any) -> tuple[type, dict[str, Any]]:
         cls, given = backbone, {}
     else:
         raise TypeError(f"expected a backbone class, factory (functools.partial) or config, got {type(backbone)}")
-    if not (isinstance(cls, type) and issubclass(cls, (LightningDiT, DiTDH))):
+    if not (isinstance(cls, type) and issubclass(cls, (LightningDiT, DiTDH, JiT))):
         name = getattr(cls, "__name__", cls)
-        raise TypeError(f"analytic FLOPs know LightningDiT and DiTDH (and SiT, a LightningDiT), not {name}")
+        raise TypeError(f"analytic FLOPs know LightningDiT, DiTDH and JiT (and SiT, a LightningDiT), not {name}")
     if isinstance(backbone, functools.partial) and backbone.args:
         raise ValueError("give the backbone factory's arguments by keyword")
     parameters = inspect.signature(cls).parameters
@@ -137,6 +141,8 @@ def analytic_forward_flops(backbone: Any, latent_shape: tuple[int, int, int]) ->
     `latent_shape`, as when the stage builds the backbone. Equals `forward_flops` of the built model.
     """
     cls, a = _backbone_arguments(backbone)
+    if issubclass(cls, JiT):
+        return _jit_forward_flops(a, latent_shape)
     channels, height, width = latent_shape
     p = a["patch_size"]
     tokens = (height // p) * (width // p)
@@ -166,4 +172,20 @@ def analytic_forward_flops(backbone: Any, latent_shape: tuple[int, int, int]) ->
     for _ in range(a["head_depth"]):
         macs += _block_macs(n_head, d_head, cond_rows=n_head, **mlp)
     macs += tokens * 2 * d_head * d_head + tokens * d_head * patch_dim  # per-token final adaLN, final linear
+    return 2 * macs
+
+
+def _jit_forward_flops(a: Mapping[str, Any], image_shape: tuple[int, int, int]) -> int:
+    """JiT on an image [1, C, H, W]: the bottleneck patch embedding, the sinusoidal time MLP, blocks whose sequence
+    grows by the in-context tokens and the registers from their start blocks on, the final adaLN and linear."""
+    channels, height, width = image_shape
+    p, d = a["patch_size"], a["hidden_size"]
+    tokens = (height // p) * (width // p)
+    patch_dim = channels * p * p
+    macs = tokens * (patch_dim * a["bottleneck_dim"] + a["bottleneck_dim"] * d) + SINUSOIDAL_FEATURES * d + d * d
+    for i in range(a["depth"]):
+        n = tokens + (a["in_context_len"] if i >= a["in_context_start"] else 0)
+        n += a["num_registers"] if a["num_registers"] and i >= a["register_start"] else 0
+        macs += _block_macs(n, d, a["mlp_ratio"], use_swiglu=True, wo_shift=False, cond_rows=1)
+    macs += 2 * d * d + tokens * d * patch_dim  # final adaLN on c, final linear
     return 2 * macs

@@ -64,3 +64,8 @@ class RotaryTables(nn.Module):
 
     def tables(self, prefixed: bool) -> tuple[Tensor, Tensor]:
         return (self.prefixed_cos, self.prefixed_sin) if prefixed else (self.cos, self.sin)
+
+    def with_prefix(self, num_prefix: int) -> tuple[Tensor, Tensor]:
+        """The table behind any number of identity rows, for sequences whose prefix grows block by block (JiT's
+        in-context tokens and diffusion registers joining at different blocks)."""
+        return rope_with_prefix(self.cos, self.sin, num_prefix)

@@ -163,6 +163,7 @@ def test_encoder_target_finds_the_planted_outlier_its_neuron_and_the_ttr_drop(pl
         assert ttr[layer]["excluded_norm_ratio"] > 4.0  # ... where the high norm now lives
 
 
+@pytest.mark.slow
 def test_cli_default_output_folder_and_errors_that_name_the_setting(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "DSR_ARTIFACTS": str(tmp_path / "artifacts")}
     args = [

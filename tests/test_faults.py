@@ -1,4 +1,5 @@
-"""Faults a long run meets, injected: non-finite steps (skipped, counted, and a stop after too many in a row)."""
+"""Faults a long run meets, injected: non-finite steps (skipped, counted, and a stop after too many in a row), failed
+checkpoint writes, bad files, kills at seeded points and preemption signals (locally and through submitit)."""
 
 from __future__ import annotations
 
@@ -302,3 +303,178 @@ def test_a_killed_make_shards_run_reruns_to_the_same_shards(tmp_path):
     killed_manifest = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     straight_manifest = json.loads((tmp_path / "straight" / "manifest.json").read_text())
     assert killed_manifest["shards"] == straight_manifest["shards"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# preemption: SIGUSR2 / SIGTERM write last.ckpt at the next step boundary; the same command resumes exactly
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class SendSignal(L.Callback):
+    """Sends `signum` to this process once, at the end of the given optimizer step."""
+
+    def __init__(self, step, signum):
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_a_signal_writes_last_ckpt_at_the_next_step_and_the_same_command_resumes_exactly(tmp_path):
+    import signal
+
+    from dsr.lightning.callbacks import Preempted
+
+    common = [*COMMON, "trainer.max_steps=7", "callbacks.checkpoint.every_n_train_steps=100"]
+    fit(common, tmp_path / "straight")
+    straight = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    before = (signal.SIGUSR2, signal.SIGTERM)
+    for signum, step in ((signal.SIGUSR2, 2), (signal.SIGTERM, 4)):
+        run_dir = tmp_path / signal.Signals(signum).name
+        with pytest.raises(Preempted) as stopped:
+            fit(common, run_dir, callbacks=[SendSignal(step, signum)])
+        assert stopped.value.code == 0  # a clean exit, not a failure
+        # Sent after this step's checks: written at the next step boundary, and nothing else ran past it.
+        interrupted = _weights(run_dir / "checkpoints" / "last.ckpt")
+        assert interrupted["global_step"] == step + 1
+        assert not (run_dir / "samples" / "final.png").exists()  # no end-of-training work on the way out
+        leftover = [
+            h for h in map(signal.getsignal, before) if type(getattr(h, "__self__", None)).__name__ == "Preemption"
+        ]
+        assert not leftover  # the handlers found at the start of training are back
+        fit(common, run_dir)  # the same command resumes
+        resumed = _weights(run_dir / "checkpoints" / "last.ckpt")
+        assert resumed["global_step"] == 7
+        for key, value in straight["state_dict"].items():
+            assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def _children(pid):
+    """The process ids whose parent is `pid` (from /proc)."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _wait_for(path, alive, timeout=240):
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists() and alive() and time.time() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), f"{path} never appeared"
+
+
+@pytest.mark.slow
+def test_real_preemption_signals_locally_and_through_submitit_resume_to_the_uninterrupted_weights(
+    tmp_path, monkeypatch
+):
+    """A real SIGTERM to `python -m dsr.train` (a clean exit after last.ckpt), and submitit's own SIGUSR2 hand-over
+    with its local executor (last.ckpt, then submitit requeues the job, which resumes): both end where an uninterrupted
+    run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import submitit
+
+    args = [*COMMON, "trainer.accelerator=cpu", "trainer.max_steps=40", "callbacks.checkpoint.every_n_train_steps=5"]
+    fit(args, tmp_path / "straight")
+    straight = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+
+    def same_as_straight(run_dir):
+        final = _weights(run_dir / "checkpoints" / "last.ckpt")
+        assert final["global_step"] == 40
+        for key, value in straight["state_dict"].items():
+            assert torch.equal(value, final["state_dict"][key]), key
+
+    # Locally: the process writes last.ckpt at the next step boundary and exits with status 0.
+    local = tmp_path / "local"
+    command = [sys.executable, "-m", "dsr.train", *args, f"hydra.run.dir={local}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    _wait_for(local / "checkpoints" / "step_00000005.ckpt", lambda: proc.poll() is None)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-2000:]
+    assert "SIGTERM received: wrote" in output
+    assert 5 <= _weights(local / "checkpoints" / "last.ckpt")["global_step"] < 40
+    subprocess.run(command, cwd=tmp_path, env=_env(), check=True, capture_output=True, timeout=300)
+    same_as_straight(local)
+
+    # Under submitit: its USR2 handler (checkpoint, requeue) runs after dsr's last.ckpt; the requeued job resumes.
+    tests = Path(__file__).resolve().parent
+    monkeypatch.setenv("PYTHONPATH", f"{tests.parent}:{tests}")  # the job's own process unpickles TrainJob
+    from submitit_job import TrainJob
+
+    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(timeout_min=20)
+    job = executor.submit(TrainJob(), args, str(tmp_path / "requeued"))
+    controller = job._process
+    _wait_for(tmp_path / "requeued" / "checkpoints" / "step_00000005.ckpt", lambda: controller.poll() is None)
+    (task,) = _children(controller.pid)
+    os.kill(task, signal.SIGUSR2)  # what SLURM sends before the time limit (submitit's signal)
+    assert job.result() == 40
+    log = job.paths.stdout.read_text() + job.paths.stderr.read_text()
+    assert "SIGUSR2 received: wrote" in log and "Requeued job" in log
+    assert "Restored all states from the checkpoint" in log  # the requeued run resumed
+    same_as_straight(tmp_path / "requeued")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_training_killed_at_a_seeded_point_reruns_to_the_uninterrupted_weights(tmp_path, seed):
+    import random
+    import sys
+
+    args = [*COMMON, "trainer.accelerator=cpu", "trainer.max_steps=30", "callbacks.checkpoint.every_n_train_steps=3",
+            "callbacks.checkpoint.save_top_k=-1"]  # fmt: skip
+    fit(args, tmp_path / "straight")
+    kill_after = random.Random(seed).randint(1, 8)  # checkpoints (of 10) before the kill
+    killed = tmp_path / "killed"
+    done = _run_killed([sys.executable, "-m", "dsr.train", *args, f"hydra.run.dir={killed}"], tmp_path,
+                       "killed/checkpoints/step_*.ckpt", kill_after, _env())  # fmt: skip
+    assert kill_after <= done < 10
+    a, b = _weights(killed / "checkpoints" / "last.ckpt"), _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 30
+    for key, value in b["state_dict"].items():
+        assert torch.equal(value, a["state_dict"][key]), key
+
+
+@pytest.mark.slow
+def test_a_killed_latent_cache_reruns_to_the_same_shards(tmp_path):
+    import random
+    import subprocess
+    import sys
+
+    args = ["encoder=tiny", "decoder=tiny", "data=synthetic", "data.dataset.num_samples=1200", "accelerator=cpu",
+            "devices=1", "cache.shard_size=8", "cache.batch_size=1", "cache.num_workers=0"]  # fmt: skip
+    command = [sys.executable, "-m", "dsr.cache_latents", *args]
+    done = _run_killed([*command, f"cache.output={tmp_path / 'killed'}"], tmp_path, "killed/latents_*.npy",
+                       random.Random(3).randint(5, 60), _env())  # fmt: skip
+    assert done < 150
+    subprocess.run([*command, f"cache.output={tmp_path / 'straight'}"], cwd=tmp_path, env=_env(), check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    names = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert len(names) == 2 * 150 + 2 and names == sorted(p.name for p in (tmp_path / "killed").iterdir())
+    for name in names:
+        if name.endswith(".npy"):  # the shards, byte for byte (the manifest and settings name their own folder)
+            assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name

@@ -256,6 +256,7 @@ def test_slurm_cluster_config_asks_for_one_task_per_gpu_and_requeues(tmp_path, m
         assert line in script, line
 
 
+@pytest.mark.slow
 def test_compiled_backbone_trains_like_the_eager_one(run_train):
     common = [*TINY_RUN, "trainer.max_steps=3", "trainer.deterministic=true", "callbacks.sample_grid.every_n_steps=0"]
     _, eager = run_train(common, name="eager")

@@ -1,11 +1,15 @@
-"""Training callbacks: checkpoints that always include the final step, sample grids from the EMA model, and
-FID / Inception Score (and precision / recall) of EMA samples at regular steps."""
+"""Training callbacks: checkpoints that always include the final step, a checkpoint on preemption signals, sample grids
+from the EMA model, and FID / Inception Score (and precision / recall) of EMA samples at regular steps."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import signal
+import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -41,6 +45,97 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
         if trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1:
             self.save_final(trainer)
+
+
+class Preempted(SystemExit):
+    """The run stopped on a preemption signal after writing `last.ckpt` (exit status 0: nothing failed)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+
+class Preemption(L.Callback):
+    """SIGUSR2 / SIGTERM, what SLURM sends before a time limit or a preemption, write `last.ckpt` at the next optimizer
+    step boundary and end the run.
+
+    The signal handler only records the signal; the work happens at the step boundary (`on_train_batch_end` after an
+    optimizer step), where the loop state is the one a resume expects, so the same command resumes exactly. Under DDP
+    the ranks agree on it first: every `check_every_n_steps` steps one all-reduce of a flag (Lightning itself
+    broadcasts its SIGTERM flag every step there), so every rank saves at the same step. Then the handler that was
+    installed before is called, so dsr hands over rather than replacing it: submitit's (its USR2 handler requeues the
+    job and exits on rank 0; the requeued job resumes from `last.ckpt`) and Lightning's SIGTERM handling. With none (a
+    local run; the default action of SIGUSR2 would kill the process) the run ends cleanly, exit status 0 (`Preempted`),
+    skipping the end-of-training samples and evaluation.
+    """
+
+    def __init__(self, signals: Sequence[str] = ("SIGUSR2", "SIGTERM"), check_every_n_steps: int = 1) -> None:
+        unknown = [name for name in signals if not isinstance(getattr(signal, str(name), None), signal.Signals)]
+        if unknown:
+            raise ValueError(f"callbacks.preemption.signals: {unknown} are not signal names (e.g. SIGUSR2, SIGTERM)")
+        if check_every_n_steps < 1:
+            raise ValueError(f"callbacks.preemption.check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        self.signals = [getattr(signal, str(name)) for name in signals]
+        self.check_every_n_steps = check_every_n_steps
+        self._previous: dict[int, Any] = {}
+        self._received = 0
+        self._last_step = -1
+        self._checkpoints: list[RunCheckpoint] = []
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self._received = signum  # all a signal handler should do: the step boundary acts on it
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("callbacks.preemption: not in the main thread, so no signal handlers; a signal is not caught")
+            return
+        by_dir = {str(cb.dirpath): cb for cb in trainer.checkpoint_callbacks if isinstance(cb, RunCheckpoint)
+                  and cb.save_last}  # fmt: skip
+        if not by_dir:
+            raise ValueError("callbacks.preemption writes last.ckpt through callbacks.checkpoint: keep it, with "
+                             "save_last: true (or set callbacks.preemption=null)")  # fmt: skip
+        self._checkpoints = list(by_dir.values())
+        for signum in self.signals:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._record)
+        self._received, self._last_step = 0, trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not self._previous:  # mid-accumulation (no optimizer step yet), or not installed
+            return
+        self._last_step = step
+        received = self._received
+        if trainer.world_size > 1:
+            if step % self.check_every_n_steps:
+                return
+            flag = torch.tensor(received, device=pl_module.device)
+            received = int(trainer.strategy.reduce(flag, reduce_op="max"))
+        if received:
+            self._stop(trainer, received)
+
+    def _stop(self, trainer: L.Trainer, signum: int) -> None:
+        for checkpoint in self._checkpoints:
+            checkpoint.save_final(trainer)
+        name = signal.Signals(signum).name
+        written = ", ".join(str(cb.last_model_path) for cb in self._checkpoints)
+        if trainer.is_global_zero:
+            log.warning("%s received: wrote %s at step %d; the same command resumes from it", name, written,
+                        trainer.global_step)  # fmt: skip
+        previous = self._previous.get(signum)
+        self.restore()
+        if callable(previous):
+            previous(signum, None)  # submitit requeues (and exits on rank 0) here; Lightning notes its SIGTERM
+        raise Preempted()
+
+    def restore(self) -> None:
+        """Put back the handlers found at the start of training."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous:
+            self.restore()
 
 
 class EveryNSteps(L.Callback):

@@ -116,6 +116,16 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_a_diagnosis(tmp_path):
                                                  if v.is_floating_point())  # fmt: skip
 
 
+def test_the_skip_counters_survive_a_resume(tmp_path):
+    overrides = [*COMMON, "module.nonfinite_patience=3", "callbacks.checkpoint.every_n_train_steps=5"]
+    fit([*overrides, "trainer.max_steps=5"], tmp_path, [PlantNaN([3, 4])])  # two skips in a row, then stop
+    counters = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["dsr"]["nonfinite"]
+    assert (counters["skipped"], counters["streak"], counters["first_step"]) == (2, 2, 3)
+    # Resumed, one more bad step makes three in a row: the run of skips started before the resume.
+    with pytest.raises(NonFiniteError, match=r"3 consecutive optimizer steps .* from step 3"):
+        fit([*overrides, "trainer.max_steps=10"], tmp_path, [PlantNaN([5])])
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # write failures and bad files
 # ------------------------------------------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ class DiTModule(L.LightningModule):
             raise ValueError(f"module.nonfinite_patience must be >= 0 (0: no guard), got {nonfinite_patience}")
         self.nonfinite_patience = nonfinite_patience
         self.guard: NonFiniteGuard | None = None  # built at the first step, on the training device
+        self._guard_state: dict | None = None  # the guard's counters from a checkpoint being resumed
         self._loss_bad: Tensor | None = None  # any micro-batch of the current step with a non-finite loss
         self._skip: Tensor | None = None  # this step's skip flag, for the EMA
         self._last_loss: Tensor | None = None
@@ -166,6 +167,8 @@ class DiTModule(L.LightningModule):
         if self.guard is None:
             trained = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
             self.guard = NonFiniteGuard(trained, self.device)
+            if self._guard_state is not None:  # resumed: keep counting where the checkpoint stopped
+                self.guard.load_state_dict(self._guard_state)
         reduce = None
         if self.trainer.world_size > 1:
             reduce = lambda flag: self.trainer.strategy.reduce(flag, reduce_op="max")  # noqa: E731
@@ -332,10 +335,13 @@ class DiTModule(L.LightningModule):
             "latent_shape": list(self.latent_shape),
             "ema_decays": list(self.ema.decays),
         }
+        if self.guard is not None:
+            checkpoint["dsr"]["nonfinite"] = self.guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Before the weights load (a resume): averages stored for other decays are refused with both lists.
         self.ema.check_decays(checkpoint.get("dsr", {}).get("ema_decays"))
+        self._guard_state = checkpoint.get("dsr", {}).get("nonfinite")
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         state_dict = EMAs.upgrade_state_dict(state_dict, "ema.", self.ema.decays)  # a checkpoint with one EMA

@@ -7,6 +7,7 @@ import copy
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -217,6 +218,21 @@ class NonFiniteGuard:
             for p in self.params:
                 p.grad = None
         return bad, total
+
+    COUNTERS = ("skipped", "streak", "longest", "first_step", "first_loss", "first_batch", "first_block_norms")
+
+    def state_dict(self) -> dict[str, list[float] | float]:
+        """The counters as plain numbers, for the checkpoint (read on the host: at checkpoint time only)."""
+        return {name: getattr(self, name).tolist() for name in self.COUNTERS}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Counters from `state_dict`, so a resumed run keeps counting skips (and a run of them) where it stopped."""
+        for name in self.COUNTERS:
+            current = getattr(self, name)
+            value = torch.tensor(state[name], dtype=current.dtype, device=current.device)
+            if value.shape != current.shape:  # another block layout: the diagnosis part starts afresh
+                continue
+            setattr(self, name, value)
 
     def diagnosis(self) -> dict:
         """What the host reports about the latest run of skipped steps."""

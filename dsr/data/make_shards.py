@@ -131,6 +131,14 @@ def list_images(source: str | os.PathLike | None) -> tuple[list[str], list[tuple
     return classes, samples
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Workers start from a fresh forkserver (spawn where there is none), never by forking this process: a fork copies
+    the locks its other threads (tqdm's monitor, a logger, a caller's threads) hold at that moment, and a worker that
+    waits on one of them never returns (seen as a hung pool after earlier work in the same process)."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
 def write_shards(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -178,7 +186,7 @@ def write_shards(
         num_workers = os.cpu_count() or 1
     num_workers = min(num_workers, len(jobs))
     results: list[ShardResult] = []
-    pool = multiprocessing.Pool(num_workers) if num_workers > 0 else None  # before tqdm starts its monitor thread
+    pool = worker_context().Pool(num_workers) if num_workers > 0 else None
     try:
         stream = pool.imap_unordered(write_shard, jobs) if pool else map(write_shard, jobs)
         with tqdm(total=len(samples), unit="img", desc=f"writing {len(jobs)} shards") as bar:

@@ -252,6 +252,17 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
+def _killed_and_straight(command, output_key, cwd, outputs, kill_after):
+    """`command` with `<output_key>=cwd/killed` killed once `kill_after` files match `outputs` and rerun to the end
+    (`_run_killed`), then with `<output_key>=cwd/straight` uninterrupted; returns how many outputs the kill left."""
+    import subprocess
+
+    done = _run_killed([*command, f"{output_key}={cwd / 'killed'}"], cwd, outputs, kill_after, _env())
+    subprocess.run([*command, f"{output_key}={cwd / 'straight'}"], cwd=cwd, env=_env(), check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    return done
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_killed_sample_run_reruns_to_the_same_npz(tmp_path, seed):
@@ -265,15 +276,10 @@ def test_a_killed_sample_run_reruns_to_the_same_npz(tmp_path, seed):
     args = [f"ckpt={ckpt}", "num_samples=48", "shard_size=4", "batch_size=2", "sampler.solver.num_steps=20",
             "accelerator=cpu", "devices=1"]  # fmt: skip
     kill_after = random.Random(seed).randint(1, 8)  # of 12 shards
-    killed = tmp_path / "killed"
-    done = _run_killed([sys.executable, "-m", "dsr.sample", *args, f"output={killed}"], tmp_path,
-                       "killed/shards/shard_*.npz", kill_after, _env())  # fmt: skip
+    done = _killed_and_straight([sys.executable, "-m", "dsr.sample", *args], "output", tmp_path,
+                                "killed/shards/shard_*.npz", kill_after)  # fmt: skip
     assert kill_after <= done < 12
-    import subprocess
-
-    subprocess.run([sys.executable, "-m", "dsr.sample", *args, f"output={tmp_path / 'straight'}"], cwd=tmp_path,
-                   env=_env(), check=True, capture_output=True, timeout=300)  # fmt: skip
-    with np.load(killed / "samples.npz") as a, np.load(tmp_path / "straight" / "samples.npz") as b:
+    with np.load(tmp_path / "killed" / "samples.npz") as a, np.load(tmp_path / "straight" / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
 
@@ -287,7 +293,6 @@ def _tar_members(path):
 @pytest.mark.slow
 def test_a_killed_make_shards_run_reruns_to_the_same_shards(tmp_path):
     import random
-    import subprocess
     import sys
 
     from PIL import Image
@@ -301,11 +306,8 @@ def test_a_killed_make_shards_run_reruns_to_the_same_shards(tmp_path):
             Image.new("RGB", (24 + i, 20 + c), colour).save(source / f"n0{c}" / f"{i}.png")
     args = [f"source={source}", "image_size=16", "samples_per_shard=2", "num_workers=0"]
     command = [sys.executable, "-m", "dsr.data.make_shards", *args]
-    done = _run_killed([*command, f"output={tmp_path / 'killed'}"], tmp_path, "killed/shard-*.tar",
-                       random.Random(2).randint(2, 12), _env())  # fmt: skip
+    done = _killed_and_straight(command, "output", tmp_path, "killed/shard-*.tar", random.Random(2).randint(2, 12))
     assert done < 20
-    subprocess.run([*command, f"output={tmp_path / 'straight'}"], cwd=tmp_path, env=_env(), check=True,
-                   capture_output=True, timeout=300)  # fmt: skip
     names = sorted(p.name for p in (tmp_path / "straight").glob("shard-*.tar"))
     assert len(names) == 20 and names == sorted(p.name for p in (tmp_path / "killed").glob("shard-*.tar"))
     for name in names:
@@ -472,17 +474,14 @@ def test_training_killed_at_a_seeded_point_reruns_to_the_uninterrupted_weights(t
 @pytest.mark.slow
 def test_a_killed_latent_cache_reruns_to_the_same_shards(tmp_path):
     import random
-    import subprocess
     import sys
 
     args = ["encoder=tiny", "decoder=tiny", "data=synthetic", "data.dataset.num_samples=1200", "accelerator=cpu",
             "devices=1", "cache.shard_size=8", "cache.batch_size=1", "cache.num_workers=0"]  # fmt: skip
     command = [sys.executable, "-m", "dsr.cache_latents", *args]
-    done = _run_killed([*command, f"cache.output={tmp_path / 'killed'}"], tmp_path, "killed/latents_*.npy",
-                       random.Random(3).randint(5, 60), _env())  # fmt: skip
+    done = _killed_and_straight(command, "cache.output", tmp_path, "killed/latents_*.npy",
+                                random.Random(3).randint(5, 60))  # fmt: skip
     assert done < 150
-    subprocess.run([*command, f"cache.output={tmp_path / 'straight'}"], cwd=tmp_path, env=_env(), check=True,
-                   capture_output=True, timeout=300)  # fmt: skip
     names = sorted(p.name for p in (tmp_path / "straight").iterdir())
     assert len(names) == 2 * 150 + 2 and names == sorted(p.name for p in (tmp_path / "killed").iterdir())
     for name in names:

@@ -41,8 +41,9 @@ class _IntervalGuidance:
     """v = v_ref + scale * (v_main - v_ref) for samples whose t lies in the interval, v_main elsewhere.
 
     The interval is [t_min, t_max] by default; `include_t_min` / `include_t_max` false open an end. JiT's interval
-    (0.1, 1] in its time (1 = data), applied as t_jit > 0.1 and t_jit < 1, is dsr's (0, 0.9) with both ends open: on
-    JiT's 50-step grid the step from t = 0.9 is not guided. A time within `INTERVAL_END_TOLERANCE` of an end is on it.
+    (interval_min 0.1, interval_max 1.0 in its time, 1 = data) is applied as 0.1 < t_jit < 1, which is dsr's (0, 0.9)
+    with both ends open: on JiT's 50-step grid the step from t = 0.9 is not guided. A time within
+    `INTERVAL_END_TOLERANCE` of an end is on it.
 
     `guided_channels=k` guides only the first k channels and leaves the rest at v_main: DiT's and SiT's sampling code
     guides the first 3 of the SD-VAE's 4 latent channels ("for exact reproducibility", as their comment has it), and

@@ -15,7 +15,7 @@ from dsr.config import CONF_DIR, compose
 from dsr.registers.planted import plant_neuron, silence_neuron
 
 __all__ = ["CONF_DIR", "DDT_TINY", "TINY_RUN", "compose_script", "compose_train", "perturb_checkpoint", "planted_vit",
-           "planted_images"]  # fmt: skip
+           "planted_images", "same_init_with_registers"]  # fmt: skip
 
 # A model and data small enough for a CPU test: 16x16 images, 4x4 tokens of 48 channels.
 TINY_RUN = [
@@ -48,6 +48,20 @@ def compose_script(config_name: str, overrides: list[str]) -> DictConfig:
     """The config of another entry point (`stats`, `cache_latents`, `analyze`, `sample`) with Hydra's runtime set, as
     its `@hydra.main` would see it."""
     return compose(config_name, overrides)
+
+
+def same_init_with_registers(factory, **registers) -> tuple[nn.Module, nn.Module]:
+    """`factory()` and `factory(**registers)` built from the same seed; asserts that the registers are the only new
+    parameter and that every other parameter and buffer draws the same initial value. Returns both models."""
+    torch.manual_seed(0)
+    plain = factory()
+    torch.manual_seed(0)
+    with_registers = factory(**registers)
+    shared, extended = plain.state_dict(), with_registers.state_dict()
+    assert set(extended) - set(shared) == {"registers.tokens"}
+    for key, value in shared.items():
+        assert torch.equal(value, extended[key]), key
+    return plain, with_registers
 
 
 def perturb_checkpoint(path: Path, scale: float = 0.1, seed: int = 0) -> Path:

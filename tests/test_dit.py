@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import same_init_with_registers
 
 from dsr.models.dit import LightningDiT
 from dsr.models.profile import register_overhead
@@ -188,14 +189,7 @@ def test_registers_change_the_output_but_not_its_shape():
 def test_zero_registers_is_the_plain_model_bit_for_bit():
     """Same seed: identical initial weights whether or not registers are built; with none, the forward is
     exactly the plain composition of the same submodules."""
-    torch.manual_seed(0)
-    plain = LightningDiT(**TINY)
-    torch.manual_seed(0)
-    with_registers = LightningDiT(**TINY, num_registers=6, register_start=2)
-    reg_state = with_registers.state_dict()
-    for name, value in plain.state_dict().items():
-        assert torch.equal(value, reg_state[name]), name
-    assert set(reg_state) - set(plain.state_dict()) == {"registers.tokens"}
+    plain, _ = same_init_with_registers(lambda **r: LightningDiT(**TINY, **r), num_registers=6, register_start=2)
 
     randomize_(plain)
     x, t, y = inputs(dtype=torch.float32)

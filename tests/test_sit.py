@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import same_init_with_registers
 from hydra.utils import instantiate
 from test_dit import randomize_, sincos_2d
 
@@ -110,13 +111,7 @@ def test_the_time_mapping_sends_dsr_data_to_sit_data():
 
 
 def test_zero_registers_is_the_plain_sit_bit_for_bit_and_registers_train():
-    torch.manual_seed(0)
-    plain = SiT(**TINY)
-    torch.manual_seed(0)
-    with_registers = SiT(**TINY, num_registers=6, register_start=2)
-    registers_state = with_registers.state_dict()
-    assert all(torch.equal(v, registers_state[k]) for k, v in plain.state_dict().items())
-    assert set(registers_state) - set(plain.state_dict()) == {"registers.tokens"}
+    plain, with_registers = same_init_with_registers(lambda **r: SiT(**TINY, **r), num_registers=6, register_start=2)
 
     randomize_(plain)
     x, t, y = inputs(dtype=torch.float32)

@@ -113,7 +113,9 @@ class DiTDH(nn.Module):
 
     def initialize_weights(self) -> None:
         """The reference's init: no global xavier pass, so attention, MLP and s_projector keep PyTorch's default."""
-        init_embedders_and_zero_adaln(self, [self.s_embedder, self.x_embedder], [*self.blocks, *self.head_blocks])
+        init_embedders_and_zero_adaln(
+            self, [self.s_embedder.proj, self.x_embedder.proj], [*self.blocks, *self.head_blocks]
+        )
 
     @property
     def null_class(self) -> int:

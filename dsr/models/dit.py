@@ -88,13 +88,26 @@ def unpatchify(x: Tensor, patch_size: int, grid_size: tuple[int, int], channels:
     return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], channels, h * p, w * p)
 
 
-def init_embedders_and_zero_adaln(model: nn.Module, patch_embedders: list[PatchEmbed], blocks: list[nn.Module]) -> None:
-    """The DiT recipe shared by LightningDiT and DiT-DH: patch embeddings initialised like a Linear (xavier, zero
-    bias), label table and time MLP N(0, 0.02), and adaLN-Zero (every block starts as the identity, output zero)."""
-    for embedder in patch_embedders:
-        w = embedder.proj.weight.data
+def xavier_linears_(model: nn.Module) -> None:
+    """Every Linear of `model` xavier-uniform with zero bias, in module order (LightningDiT's and JiT's first pass)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def init_embedders_and_zero_adaln(
+    model: nn.Module, patch_projections: list[nn.Conv2d], blocks: list[nn.Module]
+) -> None:
+    """The DiT recipe shared by LightningDiT, DiT-DH and JiT: patch projections (the convolutions of the patch
+    embeddings) initialised like a Linear (xavier, zero bias), label table and time MLP N(0, 0.02), and adaLN-Zero
+    (every block starts as the identity, output zero)."""
+    for conv in patch_projections:
+        w = conv.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(embedder.proj.bias)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
     nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
@@ -164,14 +177,8 @@ class LightningDiT(nn.Module):
         self.registers = DiffusionRegisters(num_registers, hidden_size) if num_registers else None
 
     def initialize_weights(self) -> None:
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
-        init_embedders_and_zero_adaln(self, [self.x_embedder], self.blocks)
+        xavier_linears_(self)
+        init_embedders_and_zero_adaln(self, [self.x_embedder.proj], self.blocks)
 
     @property
     def null_class(self) -> int:

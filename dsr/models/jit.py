@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dsr.models.dit import DiTBlock, FinalLayer, unpatchify
+from dsr.models.dit import DiTBlock, FinalLayer, init_embedders_and_zero_adaln, unpatchify, xavier_linears_
 from dsr.models.layers import LabelEmbedder, SinusoidalTimestepEmbedder, sincos_pos_embed_2d
 from dsr.models.registers import DiffusionRegisters
 from dsr.models.rotary import RotaryTables
@@ -111,26 +111,12 @@ class JiT(nn.Module):
         self.registers = DiffusionRegisters(num_registers, hidden_size) if num_registers else None
 
     def initialize_weights(self) -> None:
-        """JiT's init: xavier-uniform Linears with zero bias, both patch projections like Linears, label table and time
-        MLP N(0, 0.02), in-context positions N(0, 0.02), adaLN-Zero and a zero output layer."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for conv in (self.x_embedder.proj1, self.x_embedder.proj2):
-            nn.init.xavier_uniform_(conv.weight.data.view(conv.weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj2.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        """JiT's init: xavier-uniform Linears with zero bias, then DiT's recipe (both patch projections like Linears,
+        label table and time MLP N(0, 0.02), adaLN-Zero, a zero output layer) and in-context positions N(0, 0.02)."""
+        xavier_linears_(self)
+        init_embedders_and_zero_adaln(self, [self.x_embedder.proj1, self.x_embedder.proj2], self.blocks)
         if self.in_context_posemb is not None:
             nn.init.normal_(self.in_context_posemb, std=0.02)
-        for block in [*self.blocks, self.final_layer]:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
 
     @property
     def null_class(self) -> int:

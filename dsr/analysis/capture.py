@@ -188,29 +188,26 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
 
 
 def prefix_groups(backbone: nn.Module) -> list[dict[str, int]]:
-    """The prefix tokens at the start of each block's output (`backbone_blocks` order), by kind and in sequence order:
-    {"registers": R_l} for LightningDiT / DiT-DH, {"registers": R_l, "in_context": L_l} for JiT (its
-    `prefix_counts`)."""
-    if hasattr(backbone, "prefix_counts"):
-        return [dict(groups) for groups in backbone.prefix_counts()]
-    return [{"registers": count} for count in register_counts(backbone)]
+    """The prefix tokens at the start of each block's output (`backbone_blocks` order), by kind and in sequence order.
 
-
-def register_counts(backbone: nn.Module) -> list[int]:
-    """Prefix tokens (diffusion registers, and JiT's in-context class tokens) at the start of each block's output
-    (`backbone_blocks` order).
-
-    LightningDiT / DiT-DH trunk: `num_registers` from block `register_start` on, else 0; DiT-DH head: its
-    `head_num_registers` in every head block; JiT: its registers plus its in-context tokens.
+    LightningDiT / DiT-DH trunk: {"registers": `num_registers`} from block `register_start` on, else 0; DiT-DH head:
+    its `head_num_registers` in every head block; JiT: {"registers": R_l, "in_context": L_l} (its `prefix_counts`).
     """
     if hasattr(backbone, "prefix_counts"):
-        return [sum(groups.values()) for groups in backbone.prefix_counts()]
+        return [dict(groups) for groups in backbone.prefix_counts()]
     depth = len(backbone.blocks)
     num_registers = int(getattr(backbone, "num_registers", 0) or 0)
     start = int(getattr(backbone, "register_start", 0) or 0)
     counts = [num_registers if i >= start else 0 for i in range(depth)]
     head = getattr(backbone, "head_blocks", None) or []
-    return counts + [int(getattr(backbone, "head_num_registers", 0) or 0)] * len(head)
+    counts += [int(getattr(backbone, "head_num_registers", 0) or 0)] * len(head)
+    return [{"registers": count} for count in counts]
+
+
+def register_counts(backbone: nn.Module) -> list[int]:
+    """Prefix tokens (diffusion registers, and JiT's in-context class tokens) at the start of each block's output
+    (`backbone_blocks` order): the sizes of `prefix_groups` added up."""
+    return [sum(groups.values()) for groups in prefix_groups(backbone)]
 
 
 @torch.no_grad()

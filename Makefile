@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup train train-rae train-sit train-jit test test-fast lint format bench study clean
+.PHONY: help setup train train-rae train-sit train-jit test test-fast lint format bench bench-gpu gpu-wheels study clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -46,8 +46,25 @@ format: setup  ## ruff format and the fixable lint
 	$(BIN)/ruff format dsr tests benchmarks
 	$(BIN)/ruff check --fix dsr tests benchmarks
 
-bench: setup  ## throughput / FLOP benchmarks -> benchmarks/results/
+bench: setup  ## throughput / FLOP benchmarks, and dsr's trainer and sampler against bare loops -> benchmarks/results/
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.overhead
+
+# The GPU machine has torch, Lightning, timm and transformers but no package registry: what dsr needs beyond them
+# travels as wheels for its Python 3.12 (`make gpu-wheels` here, then carry .whl/ along with the command).
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 torchdata==0.11.0 webdataset==1.0.2 braceexpand==0.1.7
+GPU_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+
+gpu-wheels: setup  ## download the wheels the GPU check needs into .whl/ (antlr4 has no wheel: built here)
+	mkdir -p .whl
+	$(BIN)/python -m pip download --quiet --no-deps $(GPU_PLATFORM) -d .whl $(GPU_WHEELS)
+	$(BIN)/python -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
+
+bench-gpu:  ## the prepared GPU check (~4 min on one H100 / H200) -> benchmarks/results/<gpu>.json; runs with python3
+	if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+		--target /tmp/dsr-site .whl/*.whl; fi
+	PYTHONPATH=/tmp/dsr-site:$(CURDIR) python3 -m benchmarks.gpu
 
 study: setup  ## the small-scale registers study (diffusion and encoder side) on 2 CPU cores (~50 min) -> experiments/small_scale/
 	$(BIN)/python -m benchmarks.small_scale

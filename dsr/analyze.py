@@ -25,36 +25,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
-from dsr.analysis.capture import (
-    backbone_blocks,
-    build_encoder,
-    discover_neurons,
-    dit_statistics,
-    encoder_statistics,
-    layer_indices,
-    vit_of,
-)
-from dsr.analysis.figures import plot_max_median_ratio
-from dsr.analysis.report import save_report, summary
 from dsr.config import build, entry_point
-from dsr.data.views import subset_indices, without_flip
-from dsr.registers.hooks import ViTAdapter
-from dsr.registers.neurons import NoOutliersError
-from dsr.utils.devices import resolve_device
-from dsr.utils.files import load_tensors, run_dir_of
 
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+# torch, the encoders and the figures are imported where the analysis needs them, so `--help` answers without them.
 log = logging.getLogger("dsr.analyze")
 
 
 def _loader(data: DictConfig, num_images: int | None, batch_size: int, num_workers: int, seed: int) -> DataLoader:
     """A seeded subset of `num_images` of the dataset (all with None), random flips off, in a fixed order."""
+    from torch.utils.data import DataLoader, Subset
+
+    from dsr.data.views import subset_indices, without_flip
+
     dataset = build(without_flip(data.dataset))
     indices = subset_indices(len(dataset), num_images, seed)
     return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -76,6 +65,12 @@ def _first_round(value: Any) -> Any:
 
 def analyze_encoder(cfg: DictConfig) -> Path:
     """`analyze.target=encoder`: statistics and figures of the configured encoder, and optionally discovery."""
+    from dsr.analysis.capture import build_encoder, discover_neurons, encoder_statistics, layer_indices, vit_of
+    from dsr.analysis.report import save_report, summary
+    from dsr.registers.hooks import ViTAdapter
+    from dsr.registers.neurons import NoOutliersError
+    from dsr.utils.devices import resolve_device
+
     a = cfg.analyze
     device = resolve_device(cfg.accelerator)
     codec = build_encoder(cfg.encoder).to(device)
@@ -146,7 +141,15 @@ def analyze_encoder(cfg: DictConfig) -> Path:
 
 def analyze_dit(cfg: DictConfig) -> Path:
     """`analyze.target=dit`: statistics and figures of a checkpoint's DiT blocks at each of `analyze.times`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from dsr.analysis.capture import backbone_blocks, dit_statistics, layer_indices
+    from dsr.analysis.figures import plot_max_median_ratio
+    from dsr.analysis.report import save_report, summary
     from dsr.lightning.dit_module import DiTModule
+    from dsr.utils.devices import resolve_device
+    from dsr.utils.files import load_tensors, run_dir_of
 
     a = cfg.analyze
     if not a.ckpt:

@@ -19,17 +19,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from dsr.config import build, entry_point
-from dsr.data.latents import labels_path, latents_path
-from dsr.data.views import subset_indices, views_of, without_flip
-from dsr.diffusion.generation import shard_ranges
-from dsr.utils.fabric import launch_fabric
 from dsr.utils.files import atomic_write, guard_settings, write_manifest
+
+# torch, Lightning and the encoders are imported where the run needs them, so `--help` answers without them.
 
 log = logging.getLogger("dsr.cache_latents")
 
@@ -43,6 +39,11 @@ def cached_tokens(codec, images):
 
 def encode_shard(codec, dataset, start: int, stop: int, views: str, batch_size: int, num_workers: int, device):
     """Raw latents [n, V, C, h, w] (float32) and labels [n] of images [start, stop)."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from dsr.data.views import views_of
+
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, num_workers=num_workers)
     latents, labels = [], []
     for images, y in loader:
@@ -56,6 +57,13 @@ def encode_shard(codec, dataset, start: int, stop: int, views: str, batch_size: 
 def run(cfg: DictConfig) -> Path:
     if cfg.cache.dtype not in DTYPES:
         raise ValueError(f"cache.dtype={cfg.cache.dtype!r}: choose one of {sorted(DTYPES)}")
+    from torch.utils.data import Subset
+
+    from dsr.data.latents import labels_path, latents_path
+    from dsr.data.views import subset_indices, without_flip
+    from dsr.diffusion.generation import shard_ranges
+    from dsr.utils.fabric import launch_fabric
+
     fabric = launch_fabric(cfg.accelerator, cfg.devices)
     codec = build(cfg.encoder).to(fabric.device).eval()
     dataset = build(without_flip(cfg.data.dataset))

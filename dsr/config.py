@@ -29,8 +29,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dsr.diffusion.transport import REFERENCE_T_MAX
-
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data; the repository's conf/ links here
 MAX_DIRNAME = 120
 
@@ -52,6 +50,8 @@ def short_dirname(name: str) -> str:
 
 def reference_t_max(prediction: str) -> float:
     """`${dsr.reference_t_max:${transport.prediction}}`: the references' interval end for a prediction type."""
+    from dsr.diffusion.transport import REFERENCE_T_MAX  # torch: only when a config is resolved, not for --help
+
     if prediction not in REFERENCE_T_MAX:
         raise ValueError(f"transport.prediction must be one of {sorted(REFERENCE_T_MAX)}, got {prediction!r}")
     return REFERENCE_T_MAX[prediction]
@@ -242,8 +242,9 @@ SAFE_ON_RESUME = (
     "trainer.accelerator", "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.default_root_dir",
     "trainer.num_sanity_val_steps", "trainer.benchmark", "trainer.deterministic", "logger", "callbacks", "cluster",
     "cluster_environment", "paths", "name", "sweep_name", "resume", "init_from", "evaluation", "sampler", "compile",
-    "matmul_precision", "data.num_workers", "data.micro_batch_size", "module.solver", "module.guidance",
-    "module.sampling_precision", "module.sampling_shift", "experiment",
+    "matmul_precision", "attention_backend", "backbone.grad_checkpointing", "module.backbone.grad_checkpointing",
+    "data.num_workers", "data.micro_batch_size", "module.solver", "module.guidance", "module.sampling_precision",
+    "module.sampling_shift", "experiment",
 )  # fmt: skip
 
 

@@ -57,24 +57,18 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
-import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
-from timm.layers import GluMlp
-from torch import Tensor, nn
 
 from dsr.config import CONF_DIR, build, compose, report_config_errors, resolved_config
-from dsr.diffusion.transport import REFERENCE_T_MAX
-from dsr.models.ddt import DiTDH
-from dsr.models.decoder import REFERENCE_POS_EMBED, from_reference_state_dict
-from dsr.models.dit import LightningDiT
-from dsr.models.jit import JiT
-from dsr.models.layers import RMSNorm
 from dsr.utils.files import atomic_write, load_tensors
-from dsr.utils.frozen import drop_frozen
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+# torch, Lightning and the models are imported where a conversion needs them, so `--help` answers without them.
 
 # DDP's, torch.compile's and JiT's (its Denoiser holds the network as `net`).
 PREFIXES = ("module.", "_orig_mod.", "net.")
@@ -102,6 +96,8 @@ def strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def is_state_dict(obj: Any) -> bool:
+    from torch import Tensor
+
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
 
 
@@ -161,6 +157,12 @@ def release_weights(checkpoint: Any, weights: str = "auto") -> tuple[dict[str, T
 
 def release_name(key: str, backbone: nn.Module) -> str:
     """The release's name of one of `backbone`'s state-dict keys."""
+    from timm.layers import GluMlp
+
+    from dsr.models.ddt import DiTDH
+    from dsr.models.dit import LightningDiT
+    from dsr.models.jit import JiT
+
     if isinstance(backbone, JiT):
         key = {"registers.tokens": "register_tokens"}.get(key, key)  # JiT itself has no registers
     elif isinstance(backbone, DiTDH):
@@ -183,6 +185,9 @@ def release_layout(backbone: nn.Module) -> dict[str, str]:
 
 def release_fixed_tables(backbone: nn.Module) -> dict[str, Tensor]:
     """The release's frozen tables (parameters without gradient, persistent buffers) as `backbone` computes them."""
+    from dsr.models.dit import LightningDiT
+    from dsr.models.jit import JiT
+
     tables: dict[str, Tensor] = {}
     if backbone.pos_embed is not None:
         tables["pos_embed"] = backbone.pos_embed
@@ -262,15 +267,20 @@ def dsr_to_release(backbone: nn.Module) -> dict[str, Tensor]:
 # checking a release config against the composed one
 # --------------------------------------------------------------------------------------------------------
 
-_RELEASE_CLASSES = {"LightningDiT": LightningDiT, "DiTwDDTHead": DiTDH}
-
 
 def release_config_mismatches(release_config: Mapping, backbone: nn.Module, latent_shape: Sequence[int]) -> list[str]:
     """Differences between a release YAML's `stage_2` block and `backbone` (built from the composed config)."""
+    from timm.layers import GluMlp
+    from torch import nn
+
+    from dsr.models.ddt import DiTDH
+    from dsr.models.dit import LightningDiT
+    from dsr.models.layers import RMSNorm
+
     stage2 = release_config["stage_2"]
     params = dict(stage2.get("params", {}))
     cls_name = str(stage2["target"]).rsplit(".", 1)[-1]
-    expected_cls = _RELEASE_CLASSES.get(cls_name)
+    expected_cls = {"LightningDiT": LightningDiT, "DiTwDDTHead": DiTDH}.get(cls_name)
     if expected_cls is None:
         return [f"stage_2.target={stage2['target']} is not a model this converter knows"]
     if not isinstance(backbone, expected_cls):
@@ -327,6 +337,8 @@ def release_transport(release_config: Mapping) -> dict[str, Any]:
     prediction (`REFERENCE_T_MAX`); the shift comes from `misc.time_dist_shift_dim / time_dist_shift_base`, whose
     default is the product of `misc.latent_size` (768 x 16 x 16 when absent), as the release's training script has it.
     """
+    from dsr.diffusion.transport import REFERENCE_T_MAX
+
     params = dict((release_config.get("transport") or {}).get("params") or {})
     misc = dict(release_config.get("misc") or {})
     if params.get("path_type", "Linear") != "Linear":
@@ -427,6 +439,12 @@ def convert_stage2(
     release_config: str | Path | None = None,
 ) -> Path:
     """Write a dsr stage-2 checkpoint (Lightning layout: `state_dict` with `backbone.*` and `ema.*`, `dsr.config`)."""
+    import lightning as L
+    import torch
+
+    from dsr.models.jit import JiT
+    from dsr.utils.frozen import drop_frozen
+
     out = Path(out)
     release = None
     if release_config is not None:
@@ -473,6 +491,8 @@ def convert_stage2(
 
 def convert_stats(src: str | Path, out: str | Path) -> Path:
     """Release `{mean, var}` [C, h, w] -> the dsr statistics file (same keys, float32, plus where they came from)."""
+    import torch
+
     stats = load_file(src)
     if not isinstance(stats, Mapping):
         raise ValueError(f"{src}: expected a dict with 'mean' and 'var', got {type(stats).__name__}")
@@ -530,6 +550,10 @@ def convert_decoder(
     The decoder is built from the `decoder` config group composed from `overrides`; its latent width comes from the
     weights (`decoder_embed`) and its token grid from the released position table (or `grid_size` without one).
     """
+    import torch
+
+    from dsr.models.decoder import REFERENCE_POS_EMBED, from_reference_state_dict
+
     cfg = compose("train", overrides, run_dir=".")
     if cfg.get("decoder") is None:
         raise ValueError("the composed config has no decoder: choose one, e.g. decoder=vit_xl")

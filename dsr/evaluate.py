@@ -24,13 +24,16 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from dsr.config import build, entry_point
-from dsr.metrics.evaluation import evaluate
-from dsr.metrics.inception import InceptionFeatures, resolve_inception_weights
-from dsr.metrics.proxy import ProxyFeatures, proxy_for
+
+if TYPE_CHECKING:
+    from dsr.metrics.proxy import ProxyFeatures
+
+# torch and the feature networks are imported where the run needs them, so `--help` answers without them.
 
 FEATURES = ("inception", "proxy")
 
@@ -61,6 +64,8 @@ def _format_table(metrics: dict) -> str:
 def proxy_network(cfg: DictConfig) -> tuple[ProxyFeatures, str]:
     """features=proxy: the classifier of the configured data (trained and cached on first use) and its held-out
     reference."""
+    from dsr.metrics.proxy import proxy_for
+
     if cfg.get("data") is None:
         raise ValueError("features=proxy needs the data the samples imitate: add data=digits or data=synthetic")
     proxy = proxy_for(build(cfg.data.dataset), cfg.proxy_dir, progress=sys.stderr.isatty())
@@ -69,6 +74,9 @@ def proxy_network(cfg: DictConfig) -> tuple[ProxyFeatures, str]:
 
 @entry_point("evaluate")
 def main(cfg: DictConfig) -> dict:
+    from dsr.metrics.evaluation import evaluate
+    from dsr.metrics.inception import InceptionFeatures, resolve_inception_weights
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if cfg.features not in FEATURES:
         raise ValueError(f"features={cfg.features!r}: choose one of {FEATURES}")

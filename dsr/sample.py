@@ -23,6 +23,7 @@ than truncation.
 from __future__ import annotations
 
 import logging
+import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,9 +37,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dsr.config import check_positive_ints, entry_point, required_file, resolved_config
-from dsr.diffusion.generation import generate_shard, shard_ranges
-from dsr.utils.fabric import launch_fabric
 from dsr.utils.files import atomic_write, run_dir_of
+
+# torch, Lightning and the models are imported where the run needs them, so `--help` answers without them.
 
 log = logging.getLogger("dsr.sample")
 
@@ -84,6 +85,8 @@ def _write_npy_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tu
 def gather_shards(out_dir: str | Path, num_samples: int, shard_size: int) -> Path:
     """Concatenate the shards in index order into `<output>/samples.npz` (arr_0 uint8 [N, H, W, 3], arr_1 int64
     [N]), streamed shard by shard so memory holds one shard; written atomically. Returns its path."""
+    from dsr.diffusion.generation import shard_ranges
+
     out_dir = Path(out_dir)
     ranges = shard_ranges(num_samples, shard_size)
     with np.load(shard_path(out_dir, 0)) as first:
@@ -108,6 +111,8 @@ def gather_shards(out_dir: str | Path, num_samples: int, shard_size: int) -> Pat
 
 def write_pngs(out_dir: str | Path, num_samples: int, shard_size: int) -> Path:
     """Write every image as `<output>/png/{i:06d}.png` from the shards; returns the folder."""
+    from dsr.diffusion.generation import shard_ranges
+
     png_dir = Path(out_dir) / "png"
     png_dir.mkdir(parents=True, exist_ok=True)
     for s, _ in enumerate(shard_ranges(num_samples, shard_size)):
@@ -175,8 +180,10 @@ def check_fingerprint(out_dir: Path, fingerprint: dict, write: bool) -> None:
 
 def run(cfg: DictConfig) -> Path:
     """Generate (or finish generating) the configured samples; return the path of `samples.npz`."""
+    from dsr.diffusion.generation import generate_shard, shard_ranges
     from dsr.diffusion.guidance import AutoGuidance
     from dsr.lightning.dit_module import DiTModule
+    from dsr.utils.fabric import launch_fabric
 
     ckpt = validate(cfg)
     fabric = launch_fabric(cfg.accelerator, cfg.devices, "32-true")  # the network's precision: sampler.precision
@@ -232,7 +239,7 @@ def run(cfg: DictConfig) -> Path:
         )
 
     bar = tqdm(total=total, initial=done, unit="img", desc="sampling", disable=fabric.global_rank != 0)
-    nfe = []
+    nfe, started = [], time.perf_counter()
     with bar:
         for s in todo:
             indices = np.arange(*ranges[s], dtype=np.int64)
@@ -248,6 +255,8 @@ def run(cfg: DictConfig) -> Path:
             nfe.append(module.solver.last_nfe)
             write_shard(shard_path(out_dir, s), images, labels, indices)
     if nfe and fabric.global_rank == 0:
+        made, seconds = total - done, time.perf_counter() - started
+        log.info("sampling: %d images in %.2f s on rank 0 (%.2f images/s)", made, seconds, made / seconds)
         log.info("velocity evaluations per sample (the last batch of each shard): mean %.1f, max %d", np.mean(nfe),
                  max(nfe))  # fmt: skip
 

@@ -15,17 +15,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from dsr.config import build, entry_point
-from dsr.data.views import subset_indices, views_of, without_flip
-from dsr.utils.fabric import launch_fabric
 from dsr.utils.files import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+    from torch.utils.data import Dataset
+
+# torch, Lightning and the encoders are imported where the run needs them, so `--help` answers without them.
 
 log = logging.getLogger("dsr.stats")
 
@@ -40,6 +43,8 @@ class Moments:
 
     @classmethod
     def empty(cls, shape: tuple[int, ...]) -> Moments:
+        import torch
+
         return cls(0, torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64))
 
     @classmethod
@@ -77,6 +82,10 @@ def latent_moments(
     progress: bool = True,
 ) -> Moments:
     """Moments of `codec.tokens` (raw latents [C, h, w]) over every image of `dataset`."""
+    from torch.utils.data import DataLoader
+
+    from dsr.data.views import views_of
+
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     moments = Moments.empty(tuple(codec.latent_shape))
     for images, _ in tqdm(loader, desc="latent statistics", unit="batch", disable=not progress):
@@ -89,6 +98,8 @@ def gather_moments(fabric, moments: Moments) -> Moments:
     """Merge every rank's moments (in rank order, so every rank gets the same result)."""
     if fabric.world_size == 1:
         return moments
+    import torch
+
     count = fabric.all_gather(torch.tensor(moments.count, dtype=torch.float64, device=fabric.device)).cpu()
     mean = fabric.all_gather(moments.mean.to(fabric.device)).cpu()
     m2 = fabric.all_gather(moments.m2.to(fabric.device)).cpu()
@@ -99,6 +110,8 @@ def gather_moments(fabric, moments: Moments) -> Moments:
 
 
 def save_stats(path: str | Path, moments: Moments, **metadata: object) -> Path:
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"mean": moments.mean.float(), "var": moments.var.float(), "count": moments.count, **metadata}
@@ -107,6 +120,11 @@ def save_stats(path: str | Path, moments: Moments, **metadata: object) -> Path:
 
 
 def run(cfg: DictConfig) -> Path:
+    from torch.utils.data import Subset
+
+    from dsr.data.views import subset_indices, without_flip
+    from dsr.utils.fabric import launch_fabric
+
     fabric = launch_fabric(cfg.accelerator, cfg.devices)
     codec = build(cfg.encoder).to(fabric.device).eval()
     dataset = build(without_flip(cfg.data.dataset))

@@ -11,20 +11,20 @@ import logging
 import uuid
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dsr.config import build, entry_point, resolved_config, resume_changes
-from dsr.lightning.callbacks import FIDEvaluation
-from dsr.lightning.checkpoint_io import AtomicCheckpointIO
-from dsr.lightning.preflight import check_prerequisites
-from dsr.models.profile import register_overhead
 from dsr.utils.files import atomic_write, load_tensors
 
+if TYPE_CHECKING:
+    import lightning as L
+
+# torch, Lightning and the models are imported where a run needs them, so `--help` and a configuration error answer
+# without them (importing Lightning alone takes seconds).
 log = logging.getLogger("dsr.train")
 
 # Deprecation notices raised inside torchdata and Lightning themselves: nothing a user can act on.
@@ -83,14 +83,24 @@ def initialize_from(module: L.LightningModule, path: str | Path) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured stage; return the final logged metrics."""
+    from dsr.lightning.preflight import check_prerequisites
+
     run_dir = Path(cfg.paths.run_dir)
-    check_prerequisites(cfg)  # every missing file named at once, before anything heavy is built
+    check_prerequisites(cfg)  # every missing file named at once, before anything heavy is imported or built
     ckpt_path = resume_checkpoint(run_dir, cfg.resume)
     if ckpt_path is not None:
         check_resume(ckpt_path, cfg)  # before anything is built: a changed experiment is refused at once
+
+    import lightning as L
+
+    from dsr.lightning.checkpoint_io import AtomicCheckpointIO
+    from dsr.models.profile import register_overhead
+    from dsr.utils.devices import apply_matmul_precision, compile_backbone, select_attention_backend
+
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("matmul_precision"):
-        torch.set_float32_matmul_precision(cfg.matmul_precision)
+    # Process-wide numerics and kernels, each logged: TF32 for float32 matmuls and convolutions, the SDPA kernel.
+    settings = [apply_matmul_precision(cfg.get("matmul_precision") or "highest")]
+    settings.append(select_attention_backend(cfg.get("attention_backend") or "auto", accelerator_type(cfg)))
 
     datamodule = build(cfg.data)
     module = build(cfg.module)
@@ -101,10 +111,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("compile"):
         if not hasattr(module, "backbone"):
             raise ValueError("compile=true compiles the diffusion backbone; this stage has none (set compile=false)")
-        # In place: parameter names, the EMA copy and sampling stay as they are. `compile={mode: ...}` passes options.
+        # `compile={mode: ..., regional: true}` passes options; regional compiles one block, reused by every block.
         options = OmegaConf.to_container(cfg.compile) if OmegaConf.is_config(cfg.compile) else {}
-        module.backbone.compile(**options)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+        settings.append(compile_backbone(module.backbone, options))
+    # `callbacks.progress_bar` sets the bar's cadence; without a bar (trainer.enable_progress_bar=false) it is left out.
+    without_bar = not cfg.trainer.get("enable_progress_bar", True)
+    callbacks = [
+        instantiate(c) for k, c in cfg.callbacks.items() if c is not None and not (k == "progress_bar" and without_bar)
+    ]
     loggers = [build_logger(c, run_dir) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else []
     plugins = [AtomicCheckpointIO()]
     if cfg.get("cluster_environment"):
@@ -119,6 +133,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     else:  # several optimizers stepped by hand (stage=decoder): the module accumulates itself
         module.accumulate_grad_batches = plan.accumulate
     if trainer.is_global_zero:
+        for line in settings:
+            log.info(line)
         log.info(
             "batch: global %d = %d devices x %d micro-batch x %d accumulation",
             plan.global_batch_size,
@@ -156,6 +172,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         report_outputs(run_dir, trainer)
     return metrics
+
+
+def accelerator_type(cfg: DictConfig) -> str:
+    """The device type the run trains on (`cuda` or `cpu`, ...), from `trainer.accelerator`."""
+    import torch
+
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("auto", "gpu", "cuda"):
+        return "cuda" if torch.cuda.is_available() and accelerator != "cpu" else "cpu"
+    return accelerator
 
 
 def build_logger(node: DictConfig, run_dir: Path) -> L.pytorch.loggers.Logger:
@@ -202,6 +228,8 @@ def strategy_for(cfg: DictConfig, module: L.LightningModule):
 
 def report_outputs(run_dir: Path, trainer: L.Trainer) -> None:
     """Tell the user where the run's artifacts are."""
+    from dsr.lightning.callbacks import FIDEvaluation
+
     lines = [f"run directory: {run_dir}"]
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.last_model_path:
         lines.append(f"checkpoint:    {trainer.checkpoint_callback.last_model_path}")

@@ -38,18 +38,21 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dsr.config import build, check_positive_ints, entry_point, required_file, resolved_config
-from dsr.utils.devices import resolve_device
 from dsr.utils.files import atomic_write, guard_settings, run_dir_of
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, Lightning and the models are imported where the run needs them, so `--help` answers without them.
 
 log = logging.getLogger("dsr.tune")
 
@@ -189,6 +192,8 @@ def score_point(
 ) -> dict:
     """Generate the point's samples batch by batch into features and score them; returns the scores and the mean
     velocity evaluations per sample."""
+    import torch
+
     from dsr.diffusion.generation import generate_shard
     from dsr.metrics.evaluation import feature_scores
 
@@ -311,6 +316,7 @@ def run(cfg: DictConfig) -> dict:
     """Score every point of the grid (skipping finished ones), write the table and plots; returns the best row."""
     from dsr.lightning.dit_module import DiTModule
     from dsr.metrics.reference import default_cache_dir, reference_statistics
+    from dsr.utils.devices import resolve_device
 
     ckpt = validate(cfg)
     axes = grid_axes(cfg)

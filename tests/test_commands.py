@@ -91,6 +91,36 @@ def test_help_shows_the_commands_own_usage_groups_and_settings(tmp_path):
     assert "encoder:" not in out and "powered by Hydra" not in out
 
 
+HELP_PROBE = """
+import contextlib, io, runpy, sys
+heavy = ("torch", "lightning", "timm", "transformers", "diffusers", "webdataset", "torchvision", "matplotlib")
+for command in sys.argv[1:]:
+    sys.argv[:] = [command, "--help"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        runpy.run_module(command, run_name="__main__")
+    loaded = [m for m in heavy if m in sys.modules]
+    print(command, "|", out.getvalue().splitlines()[0] if out.getvalue() else "", "|", ",".join(loaded))
+"""
+COMMANDS = ["dsr.train", "dsr.sample", "dsr.tune", "dsr.evaluate", "dsr.analyze", "dsr.stats", "dsr.cache_latents",
+            "dsr.convert", "dsr.data.make_shards"]  # fmt: skip
+
+
+def test_help_answers_without_importing_torch_or_lightning(tmp_path):
+    # Each command's --help in one interpreter, in turn: the first that imports a heavy library is named. Last, a
+    # module that does import torch, so the probe is seen to notice.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", HELP_PROBE, *COMMANDS, "dsr.models.dit"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()]
+    assert [row[0] for row in rows] == [*COMMANDS, "dsr.models.dit"]
+    for command, first_line, loaded in rows[:-1]:
+        assert first_line and "powered by Hydra" not in first_line, command  # the command's own usage text
+        assert loaded == "", f"python -m {command} --help imported {loaded}"
+    assert "torch" in rows[-1][2].split(",")
+
+
 @pytest.mark.slow
 def test_a_non_editable_install_finds_its_config_and_has_a_console_script_per_command(tmp_path):
     source = tmp_path / "src"

@@ -132,7 +132,7 @@ def reference(ckpt, tmp_path_factory) -> tuple[np.ndarray, np.ndarray]:
 def counting_generate(monkeypatch, fail_after: int | None = None) -> list[list[int]]:
     """Record the indices of every generate_shard call; raise on the call after `fail_after` calls."""
     calls: list[list[int]] = []
-    real = sample.generate_shard
+    real = generation.generate_shard  # dsr.sample imports it from there when a run starts
 
     def wrapped(module, indices, **kwargs):
         if fail_after is not None and len(calls) >= fail_after:
@@ -140,7 +140,7 @@ def counting_generate(monkeypatch, fail_after: int | None = None) -> list[list[i
         calls.append([int(i) for i in indices])
         return real(module, indices, **kwargs)
 
-    monkeypatch.setattr(sample, "generate_shard", wrapped)
+    monkeypatch.setattr(generation, "generate_shard", wrapped)
     return calls
 
 

@@ -26,15 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from omegaconf import DictConfig
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm.auto import tqdm
 
 from dsr.config import entry_point
-from dsr.data.transforms import center_crop_arr
 from dsr.utils.files import atomic_write, guard_settings, write_manifest
+
+# webdataset and torchvision (which import torch) are imported where they are used, so `--help` answers without them.
 
 log = logging.getLogger("dsr.make_shards")
 
@@ -76,6 +75,8 @@ def sample_key(path: str, source: str) -> str:
 
 def encode_image(path: str, image_size: int, image_format: str, quality: int) -> bytes:
     """The file's ADM centre crop [image_size x image_size] in RGB, encoded as PNG or JPEG."""
+    from dsr.data.transforms import center_crop_arr
+
     with Image.open(path) as image:
         crop = center_crop_arr(image.convert("RGB"), image_size)
     buffer = io.BytesIO()
@@ -86,6 +87,8 @@ def encode_image(path: str, image_size: int, image_format: str, quality: int) ->
 
 def _existing_shard(job: ShardJob, path: Path) -> ShardResult:
     """A shard written by an earlier run: its sample count, and the planned files it lacks (skipped back then)."""
+    import webdataset as wds
+
     with tarfile.open(path) as tar:
         present = {wds.tariterators.base_plus_ext(name)[0] for name in tar.getnames()}
     skipped = [p for p, _ in job.samples if sample_key(p, job.source) not in present]
@@ -94,6 +97,8 @@ def _existing_shard(job: ShardJob, path: Path) -> ShardResult:
 
 def write_shard(job: ShardJob) -> ShardResult:
     """Write shard `job.index` (a pool task), or only count it when it already exists."""
+    import webdataset as wds
+
     path = Path(job.output) / shard_name(job.index)
     if path.is_file():
         return _existing_shard(job, path)
@@ -118,6 +123,8 @@ def write_shard(job: ShardJob) -> ShardResult:
 
 def list_images(source: str | os.PathLike | None) -> tuple[list[str], list[tuple[str, int]]]:
     """(class names in label order, [(absolute path, label)]) of an ImageFolder tree, listed by torchvision."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     if source is None or str(source) == "":
         raise FileNotFoundError(f"source is not set: {_SOURCE_HINT}")
     root = os.path.abspath(os.path.expanduser(str(source)))

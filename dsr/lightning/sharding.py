@@ -12,11 +12,12 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from dsr.models.ddt import DiTDH
 from dsr.models.dit import DiTBlock, LightningDiT
+from dsr.models.jit import JiT
 from dsr.utils.frozen import frozen_prefixes
 
 # Shard units: every transformer block (HeadBlock is a DiTBlock), and each whole backbone, so the trained backbone
 # and its EMA copy can each run a forward of their own (sampling callbacks) with their parameters gathered.
-WRAPPED = {DiTBlock, LightningDiT, DiTDH}
+WRAPPED = {DiTBlock, LightningDiT, DiTDH, JiT}
 
 
 class ShardedStrategy(FSDPStrategy):

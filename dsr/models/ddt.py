@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
-from dsr.models.dit import DiTBlock, FinalLayer, init_embedders_and_zero_adaln, unpatchify
+from dsr.models.dit import DiTBlock, FinalLayer, init_embedders_and_zero_adaln, set_grad_checkpointing, unpatchify
 from dsr.models.layers import GaussianFourierEmbedder, LabelEmbedder, sincos_pos_embed_2d
 from dsr.models.registers import DiffusionRegisters
 from dsr.models.rotary import RotaryTables
@@ -57,6 +57,7 @@ class DiTDH(nn.Module):
         num_registers: int = 0,
         register_start: int = 0,
         head_num_registers: int | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         head_num_registers = num_registers if head_num_registers is None else head_num_registers
@@ -110,6 +111,7 @@ class DiTDH(nn.Module):
         # Built last so that the other parameters draw the same initial values with or without registers.
         self.registers = DiffusionRegisters(num_registers, hidden_size) if num_registers else None
         self.head_registers = DiffusionRegisters(head_num_registers, head_hidden_size) if head_num_registers else None
+        set_grad_checkpointing(self, grad_checkpointing)
 
     def initialize_weights(self) -> None:
         """The reference's init: no global xavier pass, so attention, MLP and s_projector keep PyTorch's default."""

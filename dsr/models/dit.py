@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from timm.layers import PatchEmbed
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dsr.models.layers import (
     TIME_EMBEDDERS,
@@ -33,7 +34,11 @@ from dsr.models.rotary import RotaryTables
 
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero conditioning on c [B, D] (or per token, c [B, N, D]). `dropout`
-    (JiT-H's) acts on the attention's output projection and the MLP's hidden activations."""
+    (JiT-H's) acts on the attention's output projection and the MLP's hidden activations. With `grad_checkpointing`
+    (`set_grad_checkpointing`) a training forward keeps only the block's inputs and recomputes the rest in the
+    backward pass: activation memory per block for about one more forward."""
+
+    grad_checkpointing = False
 
     def __init__(
         self,
@@ -57,6 +62,11 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """x: [B, N, D], c: [B, D] or [B, N, D] -> [B, N, D]."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, c, rope, use_reentrant=False)
+        return self._forward(x, c, rope)
+
+    def _forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=-1)
             shift_msa = shift_mlp = None
@@ -79,6 +89,15 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> nn.Module:
+    """Turn activation checkpointing on or off in every `DiTBlock` of `model` (each backbone's `grad_checkpointing`
+    argument, `backbone.grad_checkpointing=true`); returns the model. The outputs and gradients are unchanged."""
+    for module in model.modules():
+        if isinstance(module, DiTBlock):
+            module.grad_checkpointing = enable
+    return model
 
 
 def unpatchify(x: Tensor, patch_size: int, grid_size: tuple[int, int], channels: int) -> Tensor:
@@ -142,6 +161,7 @@ class LightningDiT(nn.Module):
         register_start: int = 0,
         time_embedder: str = "gaussian_fourier",
         out_channels: int | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_registers and not 0 <= register_start < depth:
@@ -175,6 +195,7 @@ class LightningDiT(nn.Module):
         self.initialize_weights()
         # Built last so that the other parameters draw the same initial values with or without registers.
         self.registers = DiffusionRegisters(num_registers, hidden_size) if num_registers else None
+        set_grad_checkpointing(self, grad_checkpointing)
 
     def initialize_weights(self) -> None:
         xavier_linears_(self)

@@ -35,7 +35,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dsr.models.dit import DiTBlock, FinalLayer, init_embedders_and_zero_adaln, unpatchify, xavier_linears_
+from dsr.models.dit import (
+    DiTBlock,
+    FinalLayer,
+    init_embedders_and_zero_adaln,
+    set_grad_checkpointing,
+    unpatchify,
+    xavier_linears_,
+)
 from dsr.models.layers import LabelEmbedder, SinusoidalTimestepEmbedder, sincos_pos_embed_2d
 from dsr.models.registers import DiffusionRegisters
 from dsr.models.rotary import RotaryTables
@@ -77,6 +84,7 @@ class JiT(nn.Module):
         num_classes: int = 1000,
         num_registers: int = 0,
         register_start: int = 4,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         input_size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -109,6 +117,7 @@ class JiT(nn.Module):
         self.initialize_weights()
         # Built last so that the other parameters draw the same initial values with or without registers.
         self.registers = DiffusionRegisters(num_registers, hidden_size) if num_registers else None
+        set_grad_checkpointing(self, grad_checkpointing)
 
     def initialize_weights(self) -> None:
         """JiT's init: xavier-uniform Linears with zero bias, then DiT's recipe (both patch projections like Linears,

@@ -44,6 +44,7 @@ class SiT(LightningDiT):
         learn_sigma: bool = True,
         num_registers: int = 0,
         register_start: int = 0,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__(
             input_size=input_size,
@@ -65,6 +66,7 @@ class SiT(LightningDiT):
             register_start=register_start,
             time_embedder="sinusoidal",
             out_channels=2 * in_channels if learn_sigma else in_channels,
+            grad_checkpointing=grad_checkpointing,
         )
         self.learn_sigma = learn_sigma
 

@@ -1,0 +1,256 @@
+"""The trainer against a bare loop, side by side (`make bench`): how much of a step dsr's machinery costs.
+
+Training: steady-state seconds per optimizer step of `python -m dsr.train` (the module, trainer, callbacks and logger
+a real run uses, with the datamodule's loader) against a bare PyTorch loop over the same composed model, data, loss,
+AdamW and EMA (what RAE's and JiT's training scripts do: draw noise and t, loss, backward, step, one foreach EMA
+update, the loss read back every `log_every_n_steps`). Sampling: steady-state seconds per batch of `python -m
+dsr.sample` (per-index noise, the sampler with CFG, decoding, a shard on disk per batch) against a bare Euler loop
+with CFG over the same checkpoint that decodes and writes each batch too.
+
+Every measurement runs in a fresh process, trainer and bare loop alternating (`--pairs` pairs), so a busy machine
+slows both sides of a pair alike. A training step's time is the time between the ends of two optimizer steps,
+averaged over the steps after `--warmup` (the trainer's from `benchmarks.step_timer.StepTimer`); a sampling batch's
+is the difference between the generation loops of runs of `n` and `n + k` batches (dsr.sample logs its loop's
+time), which leaves out the first batch's warm-up as the bare loop does. The ratio is bare time / dsr time, the
+trainer's throughput as a share of the bare loop's: 1 means no overhead. Results: benchmarks/results/overhead-cpu.json.
+
+    python -m benchmarks.overhead [--models quickstart dit_s dit_xl_cut] [--pairs 3] [--no-sampling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# CPU-sized models on the quickstart's data (32 px synthetic shapes, 4x4 pixel patches: 8x8 tokens of 48 channels),
+# each with 8 diffusion registers. The micro-batch makes one step a few tenths of a second on 2 cores.
+MODELS: dict[str, list[str]] = {
+    "quickstart": [],  # dit_tiny: 96 wide, 4 blocks, batch 32 (the `make train` model)
+    "dit_s": ["backbone=dit_s", "backbone.hidden_size=384", "backbone.depth=12", "backbone.num_heads=6",
+              "backbone.register_start=4", "data.global_batch_size=8"],
+    "dit_xl_cut": ["backbone=dit_xl", "backbone.hidden_size=1152", "backbone.depth=2", "backbone.num_heads=16",
+                   "backbone.register_start=1", "data.global_batch_size=4"],
+}  # fmt: skip
+BASE = ["experiment=quickstart", "callbacks.fid.every_n_steps=0", "resume=false"]
+SAMPLING = {"batch_size": 8, "num_steps": 25, "scale": 1.5, "batches": (1, 4)}
+
+
+def seconds_per_step(times: list[float], warmup: int) -> float:
+    """Mean time between the ends of consecutive steps after `warmup` steps."""
+    window = times[warmup:]
+    return (window[-1] - window[0]) / (len(window) - 1)
+
+
+# -------------------------------------------------------------------------------------------------------
+# training
+# -------------------------------------------------------------------------------------------------------
+
+
+def dsr_training(model: str, warmup: int, steps: int, out: Path) -> tuple[float, float]:
+    """Seconds per step of `python -m dsr.train` (a fresh process) and seconds from its launch to the end of its
+    first step; leaves its run (and last.ckpt) under `out`."""
+    times = out / "times.json"
+    overrides = [*BASE, *MODELS[model], f"trainer.max_steps={warmup + steps + 1}", f"paths.output_root={out}",
+                 "name=run", "+callbacks.step_timer._target_=benchmarks.step_timer.StepTimer",
+                 f"+callbacks.step_timer.path={times}"]  # fmt: skip
+    launch = time.time()
+    subprocess.run([sys.executable, "-m", "dsr.train", *overrides], cwd=ROOT, check=True, capture_output=True)
+    record = json.loads(times.read_text())
+    return seconds_per_step(record["times"][: warmup + steps], warmup), record["first_step_wall"] - launch
+
+
+def bare_training(model: str, warmup: int, steps: int) -> float:
+    """Seconds per step of a bare loop over the composed model, data, loss, AdamW and EMA (run in this process)."""
+    import torch
+
+    from dsr.config import build, compose
+
+    cfg = compose("train", [*BASE, *MODELS[model]])
+    torch.manual_seed(cfg.seed)
+    datamodule, module = build(cfg.data), build(cfg.module)
+    datamodule.configure_batches(1)
+    backbone, encoder, transport = module.backbone, module.encoder, module.transport
+    ema = [t for t in module.ema.module.parameters()]
+    params = list(backbone.parameters())
+    optimizer = module.optimizer_factory(params)
+    decay, log_every = float(cfg.module.ema_decay), int(cfg.trainer.log_every_n_steps)
+    backbone.train()
+    times, running, step = [], torch.zeros(()), 0
+    while step < warmup + steps:
+        for x, y in datamodule.train_dataloader():
+            with torch.no_grad():
+                z = encoder.encode(x)
+            noise = torch.randn_like(z)
+            t = transport.sample_time(len(y), z.shape[1:])
+            y = backbone.y_embedder.drop_labels(y, torch.rand(len(y)))
+            loss = transport.training_loss(backbone, z, y, noise=noise, t=t).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+            running += loss.detach()
+            step += 1
+            if step % log_every == 0:
+                running.item(), running.zero_()  # the loss read back on the logging cadence
+            times.append(time.perf_counter())
+            if step == warmup + steps:
+                break
+    return seconds_per_step(times, warmup)
+
+
+# -------------------------------------------------------------------------------------------------------
+# sampling
+# -------------------------------------------------------------------------------------------------------
+
+
+def dsr_sampling(ckpt: Path, batches: int, out: Path) -> float:
+    """Seconds of the generation loop of a fresh `python -m dsr.sample` run of `batches` batches (its own log line:
+    per-index noise, sampling, decoding and writing each shard; start-up and the final gather left out)."""
+    size = SAMPLING["batch_size"]
+    overrides = [f"ckpt={ckpt}", f"num_samples={batches * size}", f"batch_size={size}", f"shard_size={size}",
+                 f"sampler.solver.num_steps={SAMPLING['num_steps']}", f"sampler.guidance.scale={SAMPLING['scale']}",
+                 f"output={out}", "accelerator=cpu", "devices=1"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "dsr.sample", *overrides], cwd=ROOT, check=True, capture_output=True,
+                          text=True)  # fmt: skip
+    found = re.search(r"sampling: \d+ images in ([\d.]+) s", done.stdout + done.stderr)
+    if found is None:
+        raise RuntimeError(f"dsr.sample printed no timing line:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return float(found.group(1))
+
+
+def bare_sampling(ckpt: str, batches: int, out: str) -> float:
+    """Seconds per batch of a bare Euler loop with CFG (one pass on the doubled batch), decoding and writing each
+    batch as an npz, after one warm-up batch (run in this process)."""
+    import numpy as np
+    import torch
+
+    from dsr.diffusion.samplers import time_grid
+    from dsr.lightning.dit_module import DiTModule
+
+    module = DiTModule.from_checkpoint(ckpt)
+    model, transport = module.ema.module.eval(), module.transport
+    size, scale = SAMPLING["batch_size"], SAMPLING["scale"]
+    grid = time_grid(SAMPLING["num_steps"], transport.shift_for(module.latent_shape), transport.sample_t_end)
+    grid = grid.float().tolist()
+    times = []
+    for b in range(batches + 1):
+        with torch.no_grad():
+            x = torch.randn(size, *module.latent_shape)
+            y = torch.arange(b * size, (b + 1) * size) % model.null_class
+            y2 = torch.cat([y, torch.full_like(y, model.null_class)])
+            for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+                x2, t2 = torch.cat([x, x]), torch.full((2 * size,), t)
+                v_cond, v_null = transport.velocity(model(x2, t2, y2), x2, t2).chunk(2)
+                x = x + (t_next - t) * (v_null + scale * (v_cond - v_null))
+            images = (module.encoder.decode(x).clamp(0, 1) * 255).round().to(torch.uint8)
+        np.savez(Path(out) / f"batch_{b}.npz", images=images.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
+        times.append(time.perf_counter())
+    return (times[-1] - times[0]) / batches
+
+
+# -------------------------------------------------------------------------------------------------------
+# the side-by-side runs
+# -------------------------------------------------------------------------------------------------------
+
+
+def bare_in_subprocess(kind: str, *args: str) -> float:
+    """Run a bare loop in a fresh process (as the dsr side runs) and return its seconds."""
+    command = [sys.executable, "-m", "benchmarks.overhead", "--bare", kind, *args]
+    done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def compare_training(model: str, pairs: int, warmup: int, steps: int, scratch: Path) -> tuple[dict, Path]:
+    dsr_s, bare_s, first_step = [], [], []
+    for pair in range(pairs):
+        out = scratch / f"{model}-{pair}"
+        seconds, start_up = dsr_training(model, warmup, steps, out)
+        dsr_s.append(seconds)
+        first_step.append(start_up)
+        bare_s.append(bare_in_subprocess("train", model, str(warmup), str(steps)))
+        print(f"  {model} pair {pair}: dsr.train {dsr_s[-1] * 1e3:.1f} ms/step, bare {bare_s[-1] * 1e3:.1f} ms/step",
+              flush=True)  # fmt: skip
+    ratios = [b / d for b, d in zip(bare_s, dsr_s, strict=True)]
+    row = {"model": model, "overrides": MODELS[model], "warmup": warmup, "steps": steps,
+           "dsr_s_per_step": spread(dsr_s), "bare_s_per_step": spread(bare_s), "ratio": spread(ratios),
+           "dsr_launch_to_first_step_s": spread(first_step)}  # fmt: skip
+    return row, scratch / f"{model}-0" / "run" / "checkpoints" / "last.ckpt"
+
+
+def compare_sampling(model: str, ckpt: Path, pairs: int, scratch: Path) -> dict:
+    few, many = SAMPLING["batches"]
+    dsr_s, bare_s = [], []
+    for pair in range(pairs):
+        runs = [dsr_sampling(ckpt, n, scratch / f"sample-{model}-{pair}-{n}") for n in (few, many)]
+        dsr_s.append((runs[1] - runs[0]) / (many - few))
+        folder = scratch / f"bare-{model}-{pair}"
+        folder.mkdir(parents=True, exist_ok=True)
+        bare_s.append(bare_in_subprocess("sample", str(ckpt), str(many - few), str(folder)))
+        print(f"  {model} sampling pair {pair}: dsr.sample {dsr_s[-1]:.2f} s/batch, bare {bare_s[-1]:.2f} s/batch",
+              flush=True)  # fmt: skip
+    ratios = [b / d for b, d in zip(bare_s, dsr_s, strict=True)]
+    return {"model": model, **SAMPLING, "dsr_s_per_batch": spread(dsr_s), "bare_s_per_batch": spread(bare_s),
+            "ratio": spread(ratios)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--no-sampling", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead-cpu.json"))
+    parser.add_argument("--bare", nargs="+", help=argparse.SUPPRESS)  # one bare measurement, in a fresh process
+    args = parser.parse_args()
+    if args.bare:
+        kind, *rest = args.bare
+        seconds = (
+            bare_training(rest[0], int(rest[1]), int(rest[2]))
+            if kind == "train"
+            else bare_sampling(rest[0], int(rest[1]), rest[2])
+        )
+        print(seconds)
+        return
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    results = {"training": [], "sampling": []}
+    with tempfile.TemporaryDirectory(prefix="dsr-overhead-") as scratch:
+        for model in args.models:
+            row, ckpt = compare_training(model, args.pairs, args.warmup, args.steps, Path(scratch))
+            results["training"].append(row)
+            if not args.no_sampling:
+                results["sampling"].append(compare_sampling(model, ckpt, args.pairs, Path(scratch)))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\n{'model':12} {'what':9} {'dsr':>12} {'bare':>12} {'ratio median [min, max]':>26}")
+    for kind, unit, key in (("training", "ms/step", "s_per_step"), ("sampling", "s/batch", "s_per_batch")):
+        for row in results[kind]:
+            factor = 1e3 if kind == "training" else 1.0
+            ratio = row["ratio"]
+            print(
+                f"{row['model']:12} {kind:9} {row['dsr_' + key]['median'] * factor:8.1f} {unit[:2]:>3} "
+                f"{row['bare_' + key]['median'] * factor:8.1f} {unit[:2]:>3} "
+                f"{ratio['median']:10.3f} [{ratio['min']:.3f}, {ratio['max']:.3f}]"
+            )
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

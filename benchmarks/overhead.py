@@ -7,12 +7,13 @@ update, the loss read back every `log_every_n_steps`). Sampling: steady-state se
 dsr.sample` (per-index noise, the sampler with CFG, decoding, a shard on disk per batch) against a bare Euler loop
 with CFG over the same checkpoint that decodes and writes each batch too.
 
-Every measurement runs in a fresh process, trainer and bare loop alternating (`--pairs` pairs), so a busy machine
-slows both sides of a pair alike. A training step's time is the time between the ends of two optimizer steps,
-averaged over the steps after `--warmup` (the trainer's from `benchmarks.step_timer.StepTimer`); a sampling batch's
-is the difference between the generation loops of runs of `n` and `n + k` batches (dsr.sample logs its loop's
-time), which leaves out the first batch's warm-up as the bare loop does. The ratio is bare time / dsr time, the
-trainer's throughput as a share of the bare loop's: 1 means no overhead. Results: benchmarks/results/overhead-cpu.json.
+Every measurement runs in a fresh process, a few seconds after the previous one ended, trainer and bare loop in
+pairs (`--pairs`) whose order alternates, so a busy machine slows both sides of a pair alike. A training step's time
+is the time between the ends of two optimizer steps, averaged over the steps after `--warmup` (the trainer's from
+`benchmarks.step_timer.StepTimer`); a sampling batch's is the difference between the generation loops of runs of `n`
+and `n + k` batches (dsr.sample logs its loop's time), which leaves out the first batch's warm-up as the bare loop
+does. The ratio is bare time / dsr time, the trainer's throughput as a share of the bare loop's: 1 means no
+overhead. Results: benchmarks/results/overhead-cpu.json.
 
     python -m benchmarks.overhead [--models quickstart dit_s dit_xl_cut] [--pairs 3] [--no-sampling]
 """
@@ -43,6 +44,8 @@ MODELS: dict[str, list[str]] = {
 }  # fmt: skip
 BASE = ["experiment=quickstart", "callbacks.fid.every_n_steps=0", "resume=false"]
 SAMPLING = {"batch_size": 8, "num_steps": 25, "scale": 1.5, "batches": (1, 4)}
+STEPS = {"quickstart": 120, "dit_s": 30, "dit_xl_cut": 30}  # measured steps: a window of 10-15 s each
+SETTLE_S = 5.0
 
 
 def seconds_per_step(times: list[float], warmup: int) -> float:
@@ -175,14 +178,29 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
+def settle() -> None:
+    """Pause between measured processes: the memory of the one that just ended is still being reclaimed, which slowed
+    whichever process came next (before this, the side measured second was the slower one in most pairs)."""
+    time.sleep(SETTLE_S)
+
+
 def compare_training(model: str, pairs: int, warmup: int, steps: int, scratch: Path) -> tuple[dict, Path]:
     dsr_s, bare_s, first_step = [], [], []
     for pair in range(pairs):
         out = scratch / f"{model}-{pair}"
-        seconds, start_up = dsr_training(model, warmup, steps, out)
-        dsr_s.append(seconds)
-        first_step.append(start_up)
-        bare_s.append(bare_in_subprocess("train", model, str(warmup), str(steps)))
+
+        def dsr_side(out=out) -> None:
+            settle()
+            seconds, start_up = dsr_training(model, warmup, steps, out)
+            dsr_s.append(seconds)
+            first_step.append(start_up)
+
+        def bare_side() -> None:
+            settle()
+            bare_s.append(bare_in_subprocess("train", model, str(warmup), str(steps)))
+
+        for side in (dsr_side, bare_side) if pair % 2 == 0 else (bare_side, dsr_side):  # alternate which goes first
+            side()
         print(f"  {model} pair {pair}: dsr.train {dsr_s[-1] * 1e3:.1f} ms/step, bare {bare_s[-1] * 1e3:.1f} ms/step",
               flush=True)  # fmt: skip
     ratios = [b / d for b, d in zip(bare_s, dsr_s, strict=True)]
@@ -196,11 +214,22 @@ def compare_sampling(model: str, ckpt: Path, pairs: int, scratch: Path) -> dict:
     few, many = SAMPLING["batches"]
     dsr_s, bare_s = [], []
     for pair in range(pairs):
-        runs = [dsr_sampling(ckpt, n, scratch / f"sample-{model}-{pair}-{n}") for n in (few, many)]
-        dsr_s.append((runs[1] - runs[0]) / (many - few))
-        folder = scratch / f"bare-{model}-{pair}"
-        folder.mkdir(parents=True, exist_ok=True)
-        bare_s.append(bare_in_subprocess("sample", str(ckpt), str(many - few), str(folder)))
+
+        def dsr_side(pair=pair) -> None:
+            runs = []
+            for n in (few, many):
+                settle()
+                runs.append(dsr_sampling(ckpt, n, scratch / f"sample-{model}-{pair}-{n}"))
+            dsr_s.append((runs[1] - runs[0]) / (many - few))
+
+        def bare_side(pair=pair) -> None:
+            folder = scratch / f"bare-{model}-{pair}"
+            folder.mkdir(parents=True, exist_ok=True)
+            settle()
+            bare_s.append(bare_in_subprocess("sample", str(ckpt), str(many - few), str(folder)))
+
+        for side in (dsr_side, bare_side) if pair % 2 == 0 else (bare_side, dsr_side):
+            side()
         print(f"  {model} sampling pair {pair}: dsr.sample {dsr_s[-1]:.2f} s/batch, bare {bare_s[-1]:.2f} s/batch",
               flush=True)  # fmt: skip
     ratios = [b / d for b, d in zip(bare_s, dsr_s, strict=True)]
@@ -213,7 +242,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=None, help="measured steps (default: STEPS, per model)")
     parser.add_argument("--no-sampling", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead-cpu.json"))
     parser.add_argument("--bare", nargs="+", help=argparse.SUPPRESS)  # one bare measurement, in a fresh process
@@ -232,7 +261,7 @@ def main() -> None:
     results = {"training": [], "sampling": []}
     with tempfile.TemporaryDirectory(prefix="dsr-overhead-") as scratch:
         for model in args.models:
-            row, ckpt = compare_training(model, args.pairs, args.warmup, args.steps, Path(scratch))
+            row, ckpt = compare_training(model, args.pairs, args.warmup, args.steps or STEPS[model], Path(scratch))
             results["training"].append(row)
             if not args.no_sampling:
                 results["sampling"].append(compare_sampling(model, ckpt, args.pairs, Path(scratch)))

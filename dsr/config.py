@@ -243,8 +243,8 @@ SAFE_ON_RESUME = (
     "trainer.num_sanity_val_steps", "trainer.benchmark", "trainer.deterministic", "logger", "callbacks", "cluster",
     "cluster_environment", "paths", "name", "sweep_name", "resume", "init_from", "evaluation", "sampler", "compile",
     "matmul_precision", "attention_backend", "backbone.grad_checkpointing", "module.backbone.grad_checkpointing",
-    "data.num_workers", "data.micro_batch_size", "module.solver", "module.guidance", "module.sampling_precision",
-    "module.sampling_shift", "experiment",
+    "data.num_workers", "data.prefetch_factor", "data.micro_batch_size", "module.solver", "module.guidance",
+    "module.sampling_precision", "module.sampling_shift", "experiment",
 )  # fmt: skip
 
 

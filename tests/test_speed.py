@@ -154,3 +154,16 @@ def test_the_gpu_check_runs_on_the_cpu_and_its_numbers_add_up(tmp_path):
     assert smoke["fsdp"]["ok"] is None  # needs CUDA: skipped on the CPU, and said so
     assert smoke["ddp"]["ok"] and smoke["ddp"]["backend"] == "gloo", smoke["ddp"]["log"]
     assert smoke["cached_latents"]["ok"] and smoke["cached_latents"]["steps"] >= 1, smoke["cached_latents"]["log"]
+
+
+def test_values_only_loggers_read_are_logged_on_the_logging_steps_and_none_is_lost(run_train):
+    import csv
+
+    # grad_norm and skipped_steps are logged on Lightning's cadence alone; the loss every step (the progress bar):
+    # the CSV must hold all three on exactly the same steps, as when all were logged every step.
+    _, run_dir = run_train([*TINY_RUN, "trainer.max_steps=7", "trainer.log_every_n_steps=3",
+                            "callbacks.sample_grid.every_n_steps=0"])  # fmt: skip
+    rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
+    steps = {key: sorted(int(r["step"]) for r in rows if r.get(key)) for key in
+             ("train/loss", "train/grad_norm", "train/skipped_steps")}  # fmt: skip
+    assert steps["train/loss"] == [2, 5] and steps["train/grad_norm"] == steps["train/skipped_steps"] == [2, 5]

@@ -62,6 +62,7 @@ class ImageDataModule(L.LightningDataModule):
         micro_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = True,
+        prefetch_factor: int | None = None,
         seed: int = 0,
         val_dataset: Dataset | None = None,
     ) -> None:
@@ -74,6 +75,7 @@ class ImageDataModule(L.LightningDataModule):
         self.micro_batch_size = micro_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor  # batches each worker keeps ready (None: torch's 2)
         self.seed = seed
         self.plan: BatchPlan | None = None
 
@@ -116,6 +118,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -188,6 +188,7 @@ class ShardDataModule(L.LightningDataModule):
         flip: bool = True,
         epoch_length: int | None = None,
         pin_memory: bool = True,
+        prefetch_factor: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -219,6 +220,7 @@ class ShardDataModule(L.LightningDataModule):
         self.flip = flip
         self.epoch_length = self.manifest["num_samples"] if epoch_length is None else epoch_length
         self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor  # batches each worker keeps ready (None: torch's 2)
         self.seed = seed
         self.plan: BatchPlan | None = None
         self.dataset: wds.DataPipeline | None = None  # this rank's stream, once a loader is built
@@ -275,6 +277,7 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> EpochLoader:

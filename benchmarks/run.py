@@ -201,6 +201,75 @@ def nonfinite_guard_cost(
             "overhead_pct": 100 * (guarded / plain - 1)}  # fmt: skip
 
 
+def saved_activation_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for the backward pass while `fn()` runs (activation memory,
+    weights included once): what `backbone.grad_checkpointing` trades for recomputation, measurable on any device."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
+def grad_checkpointing_cost(
+    name: str, latent: tuple[int, int, int], batch: int, steps: int, device: torch.device
+) -> dict:
+    """Saved-for-backward memory and step time of a training step without and with `backbone.grad_checkpointing`."""
+    rows = {}
+    for checkpointed in (False, True):
+        cfg = compose("train", [f"backbone={name}", "data=imagenet", f"backbone.grad_checkpointing={checkpointed}"])
+        torch.manual_seed(0)
+        model = instantiate(cfg.backbone)(in_channels=latent[0], input_size=latent[1:], num_classes=1000).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        transport = Transport(prediction="x")
+        x = torch.randn(batch, *latent, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+
+        def step(model=model, optimizer=optimizer, transport=transport, x=x, y=y):
+            transport.training_loss(model, x, y).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        saved = saved_activation_bytes(lambda model=model, transport=transport, x=x, y=y: transport.training_loss(
+            model, x, y).loss)  # fmt: skip
+        rows["checkpointed" if checkpointed else "plain"] = {"saved_MiB": saved / 2**20,
+                                                              "step_s": timed(step, steps, device)}  # fmt: skip
+    plain, checkpointed = rows["plain"], rows["checkpointed"]
+    return {"backbone": name, "latent": list(latent), "batch": batch, **rows,
+            "memory_saved_pct": 100 * (1 - checkpointed["saved_MiB"] / plain["saved_MiB"]),
+            "time_cost_pct": 100 * (checkpointed["step_s"] / plain["step_s"] - 1)}  # fmt: skip
+
+
+def compile_times(name: str, latent: tuple[int, int, int], batch: int, device: torch.device) -> dict:
+    """Seconds to the end of the first training step (Inductor's compilation included) with the whole backbone
+    compiled and with each block compiled on its own (`compile={regional: true}`), and steady step times."""
+    from dsr.utils.devices import compile_backbone
+
+    out = {"backbone": name, "latent": list(latent), "batch": batch}
+    for regional in (False, True):
+        torch._dynamo.reset()
+        cfg = compose("train", [f"backbone={name}", "data=imagenet"])
+        torch.manual_seed(0)
+        model = instantiate(cfg.backbone)(in_channels=latent[0], input_size=latent[1:], num_classes=1000).to(device)
+        compile_backbone(model, {"regional": regional})
+        transport = Transport(prediction="x")
+        x = torch.randn(batch, *latent, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        start = time.perf_counter()
+        transport.training_loss(model, x, y).loss.backward()
+        key = "regional" if regional else "whole"
+        out[f"{key}_first_step_s"] = time.perf_counter() - start
+        out[f"{key}_step_s"] = timed(lambda m=model, x=x, y=y, tr=transport: tr.training_loss(m, x, y).loss.backward(),
+                                     3, device)  # fmt: skip
+    torch._dynamo.reset()
+    return out
+
+
 # Random-init encoders with each family's tiny test config and the released checkpoints' real sizes.
 ENCODERS = {
     "tiny siglip": (SigLIP2, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -258,7 +327,10 @@ def main() -> None:
         "encoders": [
             encoder_throughput(name, 256 if name.startswith("tiny") or on_gpu else 4, 3, device) for name in ENCODERS
         ],
-    }
+        "grad_checkpointing": grad_checkpointing_cost("dit_xl" if on_gpu else "dit_s", latent, batch // 4 or 1,
+                                                      args.steps, device),
+        "compile": compile_times("dit_xl" if on_gpu else "dit_s", latent, batch // 8 or 1, device),
+    }  # fmt: skip
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{'gpu' if on_gpu else 'cpu'}.json"
@@ -300,6 +372,14 @@ def main() -> None:
             f"{row['encoder']:16} {str(tuple(row['latent'])):>16} {row['batch']:6d} {str(row['bf16']):>5} "
             f"{row['img_per_s']:9.1f}"
         )
+    g = results["grad_checkpointing"]
+    print(f"\n{g['backbone']} batch {g['batch']}: grad checkpointing saves {g['memory_saved_pct']:.0f}% of the saved "
+          f"activations ({g['plain']['saved_MiB']:.0f} -> {g['checkpointed']['saved_MiB']:.0f} MiB) for "
+          f"{g['time_cost_pct']:+.0f}% step time")  # fmt: skip
+    c = results["compile"]
+    print(f"{c['backbone']}: first step {c['whole_first_step_s']:.1f} s compiled whole, "
+          f"{c['regional_first_step_s']:.1f} s regionally; then {c['whole_step_s'] * 1e3:.0f} / "
+          f"{c['regional_step_s'] * 1e3:.0f} ms per step")  # fmt: skip
     print(f"\nwritten to {out}")
 
 

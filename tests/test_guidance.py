@@ -205,3 +205,33 @@ def test_cfg_outside_its_interval_runs_the_conditional_forward_alone():
     v_c, v_u = model.direct(x, t, y), model.direct(x, t, torch.full_like(y, NULL))
     expected = torch.where(torch.tensor([False, True, False, True])[:, None, None, None], v_u + 3.0 * (v_c - v_u), v_c)
     torch.testing.assert_close(v, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_whole_interval_guides_without_reading_the_times_back(monkeypatch):
+    # On a GPU, checking which times lie in the interval reads a flag back (a host sync) every evaluation; the default
+    # interval, [0, 1] closed, covers every time, so the check is skipped. Narrower intervals keep it.
+    from dsr.diffusion.guidance import AutoGuidance, Guide
+
+    w = 2.5
+    x, t, y = _inputs([0.0, 0.5, 0.7, 1.0])
+    expected = {}
+    for cls in (ClassifierFreeGuidance, AutoGuidance):
+        for t_min, t_max, include in ((0.0, 1.0, True), (-0.1, 1.0, True), (0.0, 1.0, False), (0.1, 1.0, True)):
+            guidance = cls(scale=w, t_min=t_min, t_max=t_max, include_t_min=include, include_t_max=include,
+                           **({"guide_ckpt": "unused"} if cls is AutoGuidance else {}))  # fmt: skip
+            if cls is AutoGuidance:
+                weaker = ToyModel()
+                weaker.a = 0.5 * weaker.a  # a guide that differs from the main model
+                guidance.attach(Guide(weaker, Transport()))
+            assert guidance.whole_interval == (include and t_min <= 0.0)
+            fn = guidance.velocity_fn(ToyModel(), y, NULL, Transport())
+            reference = fn(x, t)  # the interval checked per sample (a t on an open end is not guided)
+            if guidance.whole_interval:
+                monkeypatch.setattr(type(guidance), "inside", lambda self, t: pytest.fail("the times were checked"))
+                torch.testing.assert_close(fn(x, t), reference, rtol=0, atol=0)
+                monkeypatch.undo()
+            expected[(cls.__name__, t_min, include)] = reference
+    # the whole interval guides every row; the open one leaves the rows at t = 0 and t = 1 conditional
+    for name in ("ClassifierFreeGuidance", "AutoGuidance"):
+        closed, opened = expected[(name, 0.0, True)], expected[(name, 0.0, False)]
+        assert torch.equal(closed[1:3], opened[1:3]) and not torch.allclose(closed[0], opened[0])

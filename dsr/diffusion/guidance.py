@@ -76,6 +76,14 @@ class _IntervalGuidance:
         """Whether guidance changes anything (scale 1 is the plain conditional model)."""
         return self.scale != 1.0
 
+    @property
+    def whole_interval(self) -> bool:
+        """Whether every time in [0, 1] is guided (the default interval): then no step checks its times, which would
+        read a flag back from the GPU (a host sync) at every evaluation."""
+        return (self.t_min < 0 or (self.t_min == 0 and self.include_t_min)) and (
+            self.t_max > 1 or (self.t_max == 1 and self.include_t_max)
+        )
+
     def inside(self, t: Tensor) -> Tensor:
         """Which samples [B] of times t [B] are guided."""
         tol = INTERVAL_END_TOLERANCE
@@ -92,6 +100,8 @@ class _IntervalGuidance:
 
     def guide_rows(self, v_main: Tensor, t: Tensor, reference: Callable[[Tensor], Tensor]) -> Tensor:
         """v_main [B, ...] with the rows inside the interval guided; `reference(rows)` gives v_ref of those rows."""
+        if self.whole_interval:
+            return self.combine(v_main, reference(slice(None)))
         inside = self.inside(t)
         if not bool(inside.any()):
             return v_main
@@ -129,11 +139,14 @@ class ClassifierFreeGuidance(_IntervalGuidance):
         y_null = torch.full_like(y, null_class)
 
         def guided(x: Tensor, t: Tensor) -> Tensor:
-            inside = self.inside(t)
-            if not bool(inside.any()):
-                return transport.velocity(model(x, t, y), x, t)
+            if self.whole_interval:
+                rows = slice(None)
+            else:
+                inside = self.inside(t)
+                if not bool(inside.any()):
+                    return transport.velocity(model(x, t, y), x, t)
+                rows = slice(None) if bool(inside.all()) else inside.nonzero().squeeze(1)
             # One pass on [all rows, conditional; rows inside, unconditional].
-            rows = slice(None) if bool(inside.all()) else inside.nonzero().squeeze(1)
             x2, t2 = torch.cat([x, x[rows]]), torch.cat([t, t[rows]])
             v = transport.velocity(model(x2, t2, torch.cat([y, y_null[rows]])), x2, t2)
             v_c, v_u = v[: len(x)], v[len(x) :]

@@ -201,14 +201,17 @@ def nonfinite_guard_cost(
             "overhead_pct": 100 * (guarded / plain - 1)}  # fmt: skip
 
 
-def saved_activation_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves for the backward pass while `fn()` runs (activation memory,
-    weights included once): what `backbone.grad_checkpointing` trades for recomputation, measurable on any device."""
+def saved_activation_bytes(fn, model: torch.nn.Module) -> int:
+    """Bytes of the distinct tensors autograd saves for the backward pass while `fn()` runs, `model`'s parameters left
+    out (they are held anyway): the activation memory `backbone.grad_checkpointing` trades for recomputation,
+    measurable on any device. A checkpointed block's inputs, which the checkpoint keeps itself, are not counted."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -236,7 +239,7 @@ def grad_checkpointing_cost(
             optimizer.zero_grad(set_to_none=True)
 
         saved = saved_activation_bytes(lambda model=model, transport=transport, x=x, y=y: transport.training_loss(
-            model, x, y).loss)  # fmt: skip
+            model, x, y).loss, model)  # fmt: skip
         rows["checkpointed" if checkpointed else "plain"] = {"saved_MiB": saved / 2**20,
                                                               "step_s": timed(step, steps, device)}  # fmt: skip
     plain, checkpointed = rows["plain"], rows["checkpointed"]

@@ -156,6 +156,7 @@ def test_the_gpu_check_runs_on_the_cpu_and_its_numbers_add_up(tmp_path):
     assert smoke["cached_latents"]["ok"] and smoke["cached_latents"]["steps"] >= 1, smoke["cached_latents"]["log"]
 
 
+@pytest.mark.slow
 def test_values_only_loggers_read_are_logged_on_the_logging_steps_and_none_is_lost(run_train):
     import csv
 

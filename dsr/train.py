@@ -95,12 +95,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from dsr.lightning.checkpoint_io import AtomicCheckpointIO
     from dsr.models.profile import register_overhead
-    from dsr.utils.devices import apply_matmul_precision, compile_backbone, select_attention_backend
+    from dsr.utils.devices import apply_matmul_precision, compile_backbone, resolve_device, select_attention_backend
 
     L.seed_everything(cfg.seed, workers=True)
     # Process-wide numerics and kernels, each logged: TF32 for float32 matmuls and convolutions, the SDPA kernel.
     settings = [apply_matmul_precision(cfg.get("matmul_precision") or "highest")]
-    settings.append(select_attention_backend(cfg.get("attention_backend") or "auto", accelerator_type(cfg)))
+    device_type = resolve_device(cfg.trainer.get("accelerator", "auto")).type
+    settings.append(select_attention_backend(cfg.get("attention_backend") or "auto", device_type))
 
     datamodule = build(cfg.data)
     module = build(cfg.module)
@@ -172,16 +173,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         report_outputs(run_dir, trainer)
     return metrics
-
-
-def accelerator_type(cfg: DictConfig) -> str:
-    """The device type the run trains on (`cuda` or `cpu`, ...), from `trainer.accelerator`."""
-    import torch
-
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    if accelerator in ("auto", "gpu", "cuda"):
-        return "cuda" if torch.cuda.is_available() and accelerator != "cpu" else "cpu"
-    return accelerator
 
 
 def build_logger(node: DictConfig, run_dir: Path) -> L.pytorch.loggers.Logger:

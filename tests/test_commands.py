@@ -106,6 +106,7 @@ COMMANDS = ["dsr.train", "dsr.sample", "dsr.tune", "dsr.evaluate", "dsr.analyze"
             "dsr.convert", "dsr.data.make_shards"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_help_answers_without_importing_torch_or_lightning(tmp_path):
     # Each command's --help in one interpreter, in turn: the first that imports a heavy library is named. Last, a
     # module that does import torch, so the probe is seen to notice.

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dsr.config import build, entry_point
-from dsr.utils.files import atomic_write, guard_settings, write_manifest
+from dsr.utils.files import atomic_write, guard_settings, remove_stale_temps, write_manifest
 
 # torch, Lightning and the encoders are imported where the run needs them, so `--help` answers without them.
 
@@ -90,6 +90,7 @@ def run(cfg: DictConfig) -> Path:
     ranges = shard_ranges(num_samples, cfg.cache.shard_size)
     mine = [s for s in range(len(ranges)) if s % fabric.world_size == fabric.global_rank]
     todo = [s for s in mine if not latents_path(out_dir, s).is_file()]
+    remove_stale_temps(path for s in todo for path in (labels_path(out_dir, s), latents_path(out_dir, s)))
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", desc="caching latents",
                disable=fabric.global_rank != 0)  # fmt: skip
     for shard in todo:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import time
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dsr.config import check_positive_ints, entry_point, required_file, resolved_config
-from dsr.utils.files import atomic_write, run_dir_of
+from dsr.utils.files import atomic_write, remove_stale_temps, run_dir_of
 
 # torch, Lightning and the models are imported where the run needs them, so `--help` answers without them.
 
@@ -63,14 +62,6 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, indices: np.
             f, images=images, labels=labels.astype(np.int64), indices=np.asarray(indices, dtype=np.int64)
         ),
     )
-
-
-def remove_stale_temps(out_dir: Path, shards: Sequence[int]) -> None:
-    """Delete half-written temp files of `shards` left by a crashed run."""
-    for s in shards:
-        final = shard_path(out_dir, s)
-        for tmp in final.parent.glob(f"{final.name}.tmp-*"):
-            tmp.unlink(missing_ok=True)
 
 
 def _write_npy_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple, parts: Any) -> None:
@@ -224,7 +215,7 @@ def run(cfg: DictConfig) -> Path:
 
     ranges = shard_ranges(cfg.num_samples, cfg.shard_size)
     mine = [s for s in range(len(ranges)) if s % fabric.world_size == fabric.global_rank]
-    remove_stale_temps(out_dir, mine)
+    remove_stale_temps(shard_path(out_dir, s) for s in mine)
     todo = [s for s in mine if not shard_path(out_dir, s).is_file()]
     total = sum(ranges[s][1] - ranges[s][0] for s in mine)
     done = total - sum(ranges[s][1] - ranges[s][0] for s in todo)

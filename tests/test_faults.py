@@ -158,6 +158,19 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp
     assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))  # no half-written file left behind
 
 
+def test_a_checkpoint_save_removes_the_half_written_checkpoints_a_killed_run_left(tmp_path):
+    from dsr.lightning.checkpoint_io import AtomicCheckpointIO
+
+    stale = [tmp_path / "last.ckpt.tmp-12345", tmp_path / "epoch=0-step=40.ckpt.tmp-12345"]
+    for path in stale:
+        path.write_bytes(b"PK\x03\x04 partial")
+    other = tmp_path / "notes.txt.tmp-12345"  # not a checkpoint's: left alone
+    other.write_bytes(b"")
+    AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(3)}, tmp_path / "epoch=0-step=60.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=60.ckpt", "notes.txt.tmp-12345"]
+    assert AtomicCheckpointIO().load_checkpoint(tmp_path / "epoch=0-step=60.ckpt")["step"] == 3
+
+
 def _truncated(path, into):
     data = path.read_bytes()
     into.write_bytes(data[: len(data) // 2])

@@ -86,6 +86,18 @@ def test_latent_cache_reads_back_both_views(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("latents_*.npy")}
     run(cfg)
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("latents_*.npy")}
+    # A run killed mid-write leaves a shard without its latents and the temp files; the rerun writes that shard
+    # alone and leaves no temp file behind.
+    names = sorted(p.name for p in out.iterdir())
+    (out / "latents_00002.npy").unlink()
+    (out / "latents_00002.npy.tmp-12345").write_bytes(b"half an array")
+    (out / "labels_00002.npy.tmp-12345").write_bytes(b"half an array")
+    run(cfg)
+    assert sorted(p.name for p in out.iterdir()) == names
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("latents_*.npy")}
+    assert after.pop("latents_00002.npy") > before.pop("latents_00002.npy") and after == before
+    rewritten = torch.from_numpy(np.load(out / "latents_00002.npy"))
+    torch.testing.assert_close(rewritten, latents[32:].to(rewritten.dtype), atol=1e-5, rtol=1e-5)
     cfg_other = compose_script("cache_latents", [*TINY_DATA, f"cache.output={out}", "cache.shard_size=8"])
     with pytest.raises(ValueError, match="differ in: dtype, shard_size"):
         run(cfg_other)

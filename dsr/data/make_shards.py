@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dsr.config import entry_point
-from dsr.utils.files import atomic_write, guard_settings, write_manifest
+from dsr.utils.files import atomic_write, guard_settings, remove_stale_temps, write_manifest
 
 # webdataset and torchvision (which import torch) are imported where they are used, so `--help` answers without them.
 
@@ -180,8 +180,7 @@ def write_shards(
         "seed": seed,
     }
     guard_settings(out_dir, settings, "output")
-    for stale in out_dir.glob("shard-*.tar.tmp-*"):  # left by a killed run (atomic_write's temp files)
-        stale.unlink()
+    remove_stale_temps(out_dir / shard_name(k) for k in range(-(-len(samples) // samples_per_shard)))
 
     order = np.random.default_rng(seed).permutation(len(samples))
     jobs = [

@@ -28,6 +28,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Write `path` atomically; a failed write (a full disk, no permission) stops the run with one message naming
         the file and the error, and leaves the previous checkpoint under that name intact."""
         path = Path(path)
+        # A run killed mid-save leaves `<name>.ckpt.tmp-<pid>`, as large as a checkpoint, under a name no later save
+        # reuses (top-k names carry the step); one process writes a run's checkpoints, so any found now are stale.
+        for stale in path.parent.glob("*.ckpt.tmp-*"):
+            stale.unlink(missing_ok=True)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda f: torch.save(checkpoint, f))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
@@ -73,6 +74,14 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(paths: Iterable[str | Path]) -> None:
+    """Delete the `<name>.tmp-<pid>` files `atomic_write` left next to each of `paths` when a run was killed
+    mid-write. Callers pass only the paths they will write themselves: another rank's temp file may be live."""
+    for path in map(Path, paths):
+        for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+            tmp.unlink(missing_ok=True)
 
 
 SETTINGS = "settings.json"

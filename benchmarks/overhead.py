@@ -5,7 +5,9 @@ a real run uses, with the datamodule's loader) against a bare PyTorch loop over 
 AdamW and EMA (what RAE's and JiT's training scripts do: draw noise and t, loss, backward, step, one foreach EMA
 update, the loss read back every `log_every_n_steps`). Sampling: steady-state seconds per batch of `python -m
 dsr.sample` (per-index noise, the sampler with CFG, decoding, a shard on disk per batch) against a bare Euler loop
-with CFG over the same checkpoint that decodes and writes each batch too.
+with CFG over the same checkpoint that decodes and writes each batch too; and, on one module in one process,
+alternating batch by batch, `dsr.sample`'s generation path (`generate_shard`) against the same bare loop, which
+separates the two loops' own cost from the differences between processes.
 
 Every measurement runs in a fresh process, a few seconds after the previous one ended, trainer and bare loop in
 pairs (`--pairs`) whose order alternates, so a busy machine slows both sides of a pair alike. A training step's time
@@ -15,7 +17,8 @@ and `n + k` batches (dsr.sample logs its loop's time), which leaves out the firs
 does. The ratio is bare time / dsr time, the trainer's throughput as a share of the bare loop's: 1 means no
 overhead. Results: benchmarks/results/overhead-cpu.json.
 
-    python -m benchmarks.overhead [--models quickstart dit_s dit_xl_cut] [--pairs 3] [--no-sampling]
+    python -m benchmarks.overhead [--models quickstart dit_s dit_xl_cut] [--pairs 3] [--in-process-pairs 4]
+                                  [--no-sampling]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,34 +138,93 @@ def dsr_sampling(ckpt: Path, batches: int, out: Path) -> float:
     return float(found.group(1))
 
 
-def bare_sampling(ckpt: str, batches: int, out: str) -> float:
-    """Seconds per batch of a bare Euler loop with CFG (one pass on the doubled batch), decoding and writing each
-    batch as an npz, after one warm-up batch (run in this process)."""
+def sampling_module(ckpt: str) -> Any:
+    """The checkpoint's DiTModule with the sampler `dsr.sample` builds from the same settings (25-point Euler, CFG)."""
+    from hydra.utils import instantiate
+
+    from dsr.config import compose
+    from dsr.lightning.dit_module import DiTModule
+
+    cfg = compose("sample", [f"ckpt={ckpt}", f"sampler.solver.num_steps={SAMPLING['num_steps']}",
+                             f"sampler.guidance.scale={SAMPLING['scale']}"])  # fmt: skip
+    module = DiTModule.from_checkpoint(ckpt, map_location="cpu").eval()
+    sampler = cfg.sampler
+    module.use_sampler(
+        instantiate(sampler.solver), instantiate(sampler.guidance), str(sampler.precision), sampler.shift
+    )
+    return module
+
+
+def bare_sampling_batch(module: Any, b: int, out: Path) -> None:
+    """Batch `b` of a bare Euler loop with CFG (one pass on the doubled batch), decoded and written as an npz. Its
+    noise and labels are `dsr.sample`'s (per-index generators), so both loops make the same images."""
     import numpy as np
     import torch
 
+    from dsr.diffusion.generation import noise_for
     from dsr.diffusion.samplers import time_grid
-    from dsr.lightning.dit_module import DiTModule
 
-    module = DiTModule.from_checkpoint(ckpt)
-    model, transport = module.ema.module.eval(), module.transport
+    model, transport = module.ema.module, module.transport
     size, scale = SAMPLING["batch_size"], SAMPLING["scale"]
     grid = time_grid(SAMPLING["num_steps"], transport.shift_for(module.latent_shape), transport.sample_t_end)
     grid = grid.float().tolist()
+    indices = np.arange(b * size, (b + 1) * size)
+    with torch.no_grad():
+        x = noise_for(indices, module.latent_shape, seed=0) * transport.noise_scale
+        y = torch.from_numpy(indices) % model.null_class
+        y2 = torch.cat([y, torch.full_like(y, model.null_class)])
+        for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+            x2, t2 = torch.cat([x, x]), torch.full((2 * size,), t)
+            v_cond, v_null = transport.velocity(model(x2, t2, y2), x2, t2).chunk(2)
+            x = x + (t_next - t) * (v_null + scale * (v_cond - v_null))
+        images = (module.encoder.decode(x).clamp(0, 1) * 255).round().to(torch.uint8)
+    np.savez(out / f"batch_{b}.npz", images=images.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
+
+
+def dsr_sampling_batch(module: Any, b: int, out: Path) -> None:
+    """Batch `b` through `dsr.sample`'s generation path (`generate_shard`: per-index noise, the configured sampler
+    and guidance, decoding, uint8), written as an npz."""
+    import numpy as np
+
+    from dsr.diffusion.generation import generate_shard
+
+    size = SAMPLING["batch_size"]
+    indices = np.arange(b * size, (b + 1) * size)
+    images, labels = generate_shard(module, indices, num_classes=int(module.ema.module.null_class), seed=0,
+                                    batch_size=size)  # fmt: skip
+    np.savez(out / f"shard_{b}.npz", images=images, labels=labels)
+
+
+def bare_sampling(ckpt: str, batches: int, out: str) -> float:
+    """Seconds per batch of the bare loop after one warm-up batch (run in this process)."""
+    module = sampling_module(ckpt)
     times = []
     for b in range(batches + 1):
-        with torch.no_grad():
-            x = torch.randn(size, *module.latent_shape)
-            y = torch.arange(b * size, (b + 1) * size) % model.null_class
-            y2 = torch.cat([y, torch.full_like(y, model.null_class)])
-            for t, t_next in zip(grid[:-1], grid[1:], strict=True):
-                x2, t2 = torch.cat([x, x]), torch.full((2 * size,), t)
-                v_cond, v_null = transport.velocity(model(x2, t2, y2), x2, t2).chunk(2)
-                x = x + (t_next - t) * (v_null + scale * (v_cond - v_null))
-            images = (module.encoder.decode(x).clamp(0, 1) * 255).round().to(torch.uint8)
-        np.savez(Path(out) / f"batch_{b}.npz", images=images.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
+        bare_sampling_batch(module, b, Path(out))
         times.append(time.perf_counter())
     return (times[-1] - times[0]) / batches
+
+
+def compare_sampling_in_process(model: str, ckpt: Path, pairs: int, scratch: Path) -> dict:
+    """Seconds per batch of `dsr_sampling_batch` and `bare_sampling_batch` on one module in one process, alternating
+    (after a warm-up batch of each): what separates the two generation loops without the noise between processes."""
+    module = sampling_module(str(ckpt))
+    out = scratch / f"in-process-{model}"
+    out.mkdir(parents=True, exist_ok=True)
+    sides = {"dsr": dsr_sampling_batch, "bare": bare_sampling_batch}
+    seconds: dict[str, list[float]] = {"dsr": [], "bare": []}
+    for side in sides.values():
+        side(module, 0, out)
+    for pair in range(pairs):
+        for name in ("dsr", "bare") if pair % 2 == 0 else ("bare", "dsr"):
+            start = time.perf_counter()
+            sides[name](module, pair + 1, out)
+            seconds[name].append(time.perf_counter() - start)
+        print(f"  {model} sampling in one process, pair {pair}: generate_shard {seconds['dsr'][-1]:.2f} s/batch, "
+              f"bare {seconds['bare'][-1]:.2f} s/batch", flush=True)  # fmt: skip
+    ratios = [b / d for b, d in zip(seconds["bare"], seconds["dsr"], strict=True)]
+    return {"model": model, **SAMPLING, "dsr_s_per_batch": spread(seconds["dsr"]),
+            "bare_s_per_batch": spread(seconds["bare"]), "ratio": spread(ratios)}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -246,6 +309,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default: STEPS, per model)")
     parser.add_argument("--no-sampling", action="store_true")
+    parser.add_argument("--in-process-pairs", type=int, default=4, help="pairs of the one-process sampling comparison")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead-cpu.json"))
     parser.add_argument("--bare", nargs="+", help=argparse.SUPPRESS)  # one bare measurement, in a fresh process
     args = parser.parse_args()
@@ -260,23 +324,28 @@ def main() -> None:
         return
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    results = {"training": [], "sampling": []}
+    results = {"training": [], "sampling": [], "sampling_in_process": []}
     with tempfile.TemporaryDirectory(prefix="dsr-overhead-") as scratch:
         for model in args.models:
             row, ckpt = compare_training(model, args.pairs, args.warmup, args.steps or STEPS[model], Path(scratch))
             results["training"].append(row)
             if not args.no_sampling:
                 results["sampling"].append(compare_sampling(model, ckpt, args.pairs, Path(scratch)))
+                results["sampling_in_process"].append(
+                    compare_sampling_in_process(model, ckpt, args.in_process_pairs, Path(scratch))
+                )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\n{'model':12} {'what':9} {'dsr':>12} {'bare':>12} {'ratio median [min, max]':>26}")
-    for kind, unit, key in (("training", "ms/step", "s_per_step"), ("sampling", "s/batch", "s_per_batch")):
+    print(f"\n{'model':12} {'what':19} {'dsr':>12} {'bare':>12} {'ratio median [min, max]':>26}")
+    rows = (("training", "ms/step", "s_per_step"), ("sampling", "s/batch", "s_per_batch"),
+            ("sampling_in_process", "s/batch", "s_per_batch"))  # fmt: skip
+    for kind, unit, key in rows:
         for row in results[kind]:
             factor = 1e3 if kind == "training" else 1.0
             ratio = row["ratio"]
             print(
-                f"{row['model']:12} {kind:9} {row['dsr_' + key]['median'] * factor:8.1f} {unit[:2]:>3} "
+                f"{row['model']:12} {kind:19} {row['dsr_' + key]['median'] * factor:8.1f} {unit[:2]:>3} "
                 f"{row['bare_' + key]['median'] * factor:8.1f} {unit[:2]:>3} "
                 f"{ratio['median']:10.3f} [{ratio['min']:.3f}, {ratio['max']:.3f}]"
             )

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_RUN, compose_train
+from helpers import TINY_RUN, compose_train, perturb_checkpoint
 from hydra.utils import instantiate
 
 from dsr.diffusion.transport import Transport
@@ -168,3 +168,19 @@ def test_values_only_loggers_read_are_logged_on_the_logging_steps_and_none_is_lo
     steps = {key: sorted(int(r["step"]) for r in rows if r.get(key)) for key in
              ("train/loss", "train/grad_norm", "train/skipped_steps")}  # fmt: skip
     assert steps["train/loss"] == [2, 5] and steps["train/grad_norm"] == steps["train/skipped_steps"] == [2, 5]
+
+
+def test_the_overhead_benchmarks_bare_sampling_loop_makes_the_images_dsr_sample_makes(run_train, tmp_path):
+    """`make bench` times `dsr.sample`'s generation path against a bare Euler-with-CFG loop: a like-for-like
+    comparison only if both compute the same images from the same noise."""
+    from benchmarks.overhead import bare_sampling_batch, dsr_sampling_batch, sampling_module
+
+    _, run_dir = run_train([*TINY_RUN, "trainer.max_steps=3"])
+    module = sampling_module(str(perturb_checkpoint(run_dir / "checkpoints" / "last.ckpt", scale=0.3)))
+    bare_sampling_batch(module, 1, tmp_path)
+    dsr_sampling_batch(module, 1, tmp_path)
+    with np.load(tmp_path / "batch_1.npz") as bare, np.load(tmp_path / "shard_1.npz") as dsr:
+        np.testing.assert_array_equal(bare["labels"], dsr["labels"])
+        assert bare["images"].shape == dsr["images"].shape == (8, 16, 16, 3)
+        difference = np.abs(bare["images"].astype(int) - dsr["images"].astype(int))
+        assert difference.max() <= 1 and bare["images"].std() > 1  # rounding of float32 sums at most; not blank

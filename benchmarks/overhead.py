@@ -6,8 +6,9 @@ AdamW and EMA (what RAE's and JiT's training scripts do: draw noise and t, loss,
 update, the loss read back every `log_every_n_steps`). Sampling: steady-state seconds per batch of `python -m
 dsr.sample` (per-index noise, the sampler with CFG, decoding, a shard on disk per batch) against a bare Euler loop
 with CFG over the same checkpoint that decodes and writes each batch too; and, on one module in one process,
-alternating batch by batch, `dsr.sample`'s generation path (`generate_shard`) against the same bare loop, which
-separates the two loops' own cost from the differences between processes.
+alternating, the training function `python -m dsr.train` runs (`dsr.train.train`) against the same bare loop, and
+`dsr.sample`'s generation path (`generate_shard`) against the bare sampling loop batch by batch, which separates the
+loops' own cost from the differences between processes.
 
 Every measurement runs in a fresh process, a few seconds after the previous one ended, trainer and bare loop in
 pairs (`--pairs`) whose order alternates, so a busy machine slows both sides of a pair alike. A training step's time
@@ -275,6 +276,37 @@ def compare_training(model: str, pairs: int, warmup: int, steps: int, scratch: P
     return row, scratch / f"{model}-0" / "run" / "checkpoints" / "last.ckpt"
 
 
+def compare_training_in_process(model: str, pairs: int, warmup: int, steps: int, scratch: Path) -> dict:
+    """Seconds per step of the real training function (`dsr.train.train`, what `python -m dsr.train` calls after
+    composing) and of `bare_training`, alternating in this one process: the same comparison without the differences
+    between processes, which on this machine move a ratio by up to 15%."""
+    from dsr.config import compose
+    from dsr.train import train
+
+    dsr_s, bare_s = [], []
+    for pair in range(pairs):
+        out = scratch / f"in-process-{model}-{pair}"
+
+        def dsr_side(out=out) -> None:
+            times = out / "times.json"
+            overrides = [*BASE, *MODELS[model], f"trainer.max_steps={warmup + steps + 1}",
+                         "+callbacks.step_timer._target_=benchmarks.step_timer.StepTimer",
+                         f"+callbacks.step_timer.path={times}"]  # fmt: skip
+            train(compose("train", overrides, run_dir=out / "run"))
+            dsr_s.append(seconds_per_step(json.loads(times.read_text())["times"][: warmup + steps], warmup))
+
+        def bare_side() -> None:
+            bare_s.append(bare_training(model, warmup, steps))
+
+        for side in (dsr_side, bare_side) if pair % 2 == 0 else (bare_side, dsr_side):
+            side()
+        print(f"  {model} training in one process, pair {pair}: dsr.train {dsr_s[-1] * 1e3:.1f} ms/step, "
+              f"bare {bare_s[-1] * 1e3:.1f} ms/step", flush=True)  # fmt: skip
+    ratios = [b / d for b, d in zip(bare_s, dsr_s, strict=True)]
+    return {"model": model, "warmup": warmup, "steps": steps, "dsr_s_per_step": spread(dsr_s),
+            "bare_s_per_step": spread(bare_s), "ratio": spread(ratios)}  # fmt: skip
+
+
 def compare_sampling(model: str, ckpt: Path, pairs: int, scratch: Path) -> dict:
     few, many = SAMPLING_BATCHES[model]
     dsr_s, bare_s = [], []
@@ -309,7 +341,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default: STEPS, per model)")
     parser.add_argument("--no-sampling", action="store_true")
-    parser.add_argument("--in-process-pairs", type=int, default=4, help="pairs of the one-process sampling comparison")
+    parser.add_argument(
+        "--in-process-pairs", type=int, default=4, help="pairs of the one-process comparisons (0: none)"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead-cpu.json"))
     parser.add_argument("--bare", nargs="+", help=argparse.SUPPRESS)  # one bare measurement, in a fresh process
     args = parser.parse_args()
@@ -324,25 +358,31 @@ def main() -> None:
         return
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    results = {"training": [], "sampling": [], "sampling_in_process": []}
+    results = {"training": [], "training_in_process": [], "sampling": [], "sampling_in_process": []}
     with tempfile.TemporaryDirectory(prefix="dsr-overhead-") as scratch:
         for model in args.models:
-            row, ckpt = compare_training(model, args.pairs, args.warmup, args.steps or STEPS[model], Path(scratch))
+            steps = args.steps or STEPS[model]
+            row, ckpt = compare_training(model, args.pairs, args.warmup, steps, Path(scratch))
             results["training"].append(row)
+            if args.in_process_pairs:
+                results["training_in_process"].append(
+                    compare_training_in_process(model, args.in_process_pairs, args.warmup, steps, Path(scratch))
+                )
             if not args.no_sampling:
                 results["sampling"].append(compare_sampling(model, ckpt, args.pairs, Path(scratch)))
-                results["sampling_in_process"].append(
-                    compare_sampling_in_process(model, ckpt, args.in_process_pairs, Path(scratch))
-                )
+                if args.in_process_pairs:
+                    results["sampling_in_process"].append(
+                        compare_sampling_in_process(model, ckpt, args.in_process_pairs, Path(scratch))
+                    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\n{'model':12} {'what':19} {'dsr':>12} {'bare':>12} {'ratio median [min, max]':>26}")
-    rows = (("training", "ms/step", "s_per_step"), ("sampling", "s/batch", "s_per_batch"),
-            ("sampling_in_process", "s/batch", "s_per_batch"))  # fmt: skip
+    rows = (("training", "ms/step", "s_per_step"), ("training_in_process", "ms/step", "s_per_step"),
+            ("sampling", "s/batch", "s_per_batch"), ("sampling_in_process", "s/batch", "s_per_batch"))  # fmt: skip
     for kind, unit, key in rows:
         for row in results[kind]:
-            factor = 1e3 if kind == "training" else 1.0
+            factor = 1e3 if kind.startswith("training") else 1.0
             ratio = row["ratio"]
             print(
                 f"{row['model']:12} {kind:19} {row['dsr_' + key]['median'] * factor:8.1f} {unit[:2]:>3} "

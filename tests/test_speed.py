@@ -170,6 +170,7 @@ def test_values_only_loggers_read_are_logged_on_the_logging_steps_and_none_is_lo
     assert steps["train/loss"] == [2, 5] and steps["train/grad_norm"] == steps["train/skipped_steps"] == [2, 5]
 
 
+@pytest.mark.slow
 def test_the_overhead_benchmarks_bare_sampling_loop_makes_the_images_dsr_sample_makes(run_train, tmp_path):
     """`make bench` times `dsr.sample`'s generation path against a bare Euler-with-CFG loop: a like-for-like
     comparison only if both compute the same images from the same noise."""

@@ -180,7 +180,6 @@ def write_shards(
         "seed": seed,
     }
     guard_settings(out_dir, settings, "output")
-    remove_stale_temps(out_dir / shard_name(k) for k in range(-(-len(samples) // samples_per_shard)))
 
     order = np.random.default_rng(seed).permutation(len(samples))
     jobs = [
@@ -188,6 +187,7 @@ def write_shards(
                  image_size, image_format, quality)
         for k, start in enumerate(range(0, len(samples), samples_per_shard))
     ]  # fmt: skip
+    remove_stale_temps(out_dir / shard_name(job.index) for job in jobs)
     if num_workers is None:
         num_workers = os.cpu_count() or 1
     num_workers = min(num_workers, len(jobs))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from dsr.utils.files import atomic_write, load_tensors
+from dsr.utils.files import TEMP_SUFFIX, atomic_write, load_tensors
 
 
 class CheckpointWriteError(OSError):
@@ -30,7 +30,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         # A run killed mid-save leaves `<name>.ckpt.tmp-<pid>`, as large as a checkpoint, under a name no later save
         # reuses (top-k names carry the step); one process writes a run's checkpoints, so any found now are stale.
-        for stale in path.parent.glob("*.ckpt.tmp-*"):
+        for stale in path.parent.glob(f"*.ckpt{TEMP_SUFFIX}*"):
             stale.unlink(missing_ok=True)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -58,6 +57,9 @@ def sha256_file(path: str | Path, digest: hashlib._Hash | None = None) -> hashli
     return digest
 
 
+TEMP_SUFFIX = ".tmp-"  # atomic_write writes `<name>.tmp-<pid>`, then renames it to `<name>`
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write through `write(file)` to `<name>.tmp-<pid>` next to `path`, fsync, then rename it over `path`.
 
@@ -65,7 +67,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
     rename is atomic on POSIX filesystems. The temp file is removed if `write` fails.
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}{TEMP_SUFFIX}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -78,10 +80,18 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
 
 def remove_stale_temps(paths: Iterable[str | Path]) -> None:
     """Delete the `<name>.tmp-<pid>` files `atomic_write` left next to each of `paths` when a run was killed
-    mid-write. Callers pass only the paths they will write themselves: another rank's temp file may be live."""
+    mid-write. Callers pass only the paths they will write themselves: another rank's temp file may be live. Each
+    folder is listed once (a resumed cache or sample run passes thousands of paths in one folder)."""
+    wanted: dict[Path, set[str]] = {}
     for path in map(Path, paths):
-        for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
-            tmp.unlink(missing_ok=True)
+        wanted.setdefault(path.parent, set()).add(path.name)
+    for folder, names in wanted.items():
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            stale = [entry.path for entry in entries if entry.name.rpartition(TEMP_SUFFIX)[0] in names]
+        for path in stale:
+            Path(path).unlink(missing_ok=True)
 
 
 SETTINGS = "settings.json"
